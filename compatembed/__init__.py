@@ -1,0 +1,3 @@
+"""compatembed: backward-compatible retrieval embeddings."""
+
+__version__ = "0.1.0"
