@@ -1,0 +1,105 @@
+"""Build a split of the dataset a ``conf/data/*.yaml`` config describes, with its class selection applied."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+from compatembed.data._common import LabeledImageDataset, Transform
+from compatembed.data.subset import ClassSubset, parse_classes
+from compatembed.errors import CompatEmbedError, ConfigError, DataError
+
+_logger = logging.getLogger(__name__)
+
+SPLITS: dict[str, str] = {"train": "classes", "test": "eval_classes"}
+"""Splits ``build_dataset`` knows, each with the config key holding its class selection."""
+
+_PATH_KEYS = ("path", "root")
+
+
+def _resolve_split(data_cfg: DictConfig, split: str) -> dict[str, Any]:
+    if split not in data_cfg or data_cfg[split] is None:
+        raise ConfigError(f"data config has no '{split}' dataset (data.{split}._target_ and its arguments)")
+    try:
+        node = OmegaConf.to_container(data_cfg[split], resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"missing mandatory value data.{split}.{e.key} (set data.{split}.{e.key}=...)") from None
+    except InterpolationResolutionError as e:
+        raise ConfigError(f"cannot resolve data.{split}: {e}") from None
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ConfigError(f"data.{split} must be a mapping with a _target_ (the dataset class)")
+    return node
+
+
+def _check_paths(node: Mapping[str, Any], split: str) -> None:
+    # A dataset that may download creates its root itself; otherwise a missing path is the usual
+    # first-run mistake, so name the key to set.
+    if node.get("download"):
+        return
+    for key in _PATH_KEYS:
+        value = node.get(key)
+        if isinstance(value, (str, os.PathLike)) and not Path(value).exists():
+            raise DataError(f"dataset path not found: {value} (set data.{split}.{key}=... or COMPATEMBED_DATA_ROOT)")
+
+
+def _instantiate(node: dict[str, Any], split: str, transform: Transform | None) -> LabeledImageDataset:
+    try:
+        return instantiate(node, transform=transform)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, CompatEmbedError) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, CompatEmbedError):
+            raise cause from None
+        if cause is None or isinstance(cause, (TypeError, ImportError, AttributeError)):
+            # A misspelt argument or an unknown _target_: a config error, not a bug.
+            raise ConfigError(f"cannot build data.{split} ({node['_target_']}): {cause or e}") from e
+        raise
+
+
+def build_dataset(
+    data_cfg: DictConfig | Mapping[str, Any], split: str, transform: Transform | None = None
+) -> LabeledImageDataset:
+    """Instantiate ``data_cfg[split]`` and keep the classes its selection names.
+
+    ``data.classes`` applies to ``"train"`` and ``data.eval_classes`` to ``"test"``; ``None`` keeps
+    every class. Labels and item ids are those of the full split (see :class:`ClassSubset`).
+
+    Args:
+        data_cfg: The ``data`` node of a composed config (interpolations such as
+            ``${paths.data_root}`` resolve against its root) or an equivalent plain dict.
+        split: ``"train"`` or ``"test"``.
+        transform: Passed to the dataset's constructor; applied to each PIL image.
+
+    Returns:
+        The dataset, wrapped in a :class:`ClassSubset` when a selection is set.
+
+    Raises:
+        ConfigError: Unknown split, missing mandatory value, unresolvable interpolation,
+            unknown ``_target_`` or constructor argument.
+        DataError: A dataset path is missing, the data cannot be read, the class selection is
+            invalid, or ``data.num_classes`` disagrees with the dataset.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown data split {split!r}; known: {', '.join(SPLITS)}")
+    cfg = data_cfg if isinstance(data_cfg, DictConfig) else OmegaConf.create(dict(data_cfg))
+    node = _resolve_split(cfg, split)
+    _check_paths(node, split)
+    dataset = _instantiate(node, split, transform)
+    declared = None if "num_classes" not in cfg or OmegaConf.is_missing(cfg, "num_classes") else cfg.num_classes
+    if declared is not None and int(declared) != len(dataset.classes):
+        raise DataError(f"data.num_classes={declared} but data.{split} has {len(dataset.classes)} classes")
+    key = SPLITS[split]
+    selected = parse_classes(cfg.get(key), dataset.classes)  # optional: absent means all classes
+    if selected is not None:
+        dataset = ClassSubset(dataset, selected)
+    _logger.info("data.%s: %r", split, dataset)
+    return dataset

@@ -1,0 +1,31 @@
+"""Retrieval and compatibility metrics, and the tables that report them.
+
+The evaluate CLI, validation during training and the reports all import from here, so every number the
+project prints comes from one implementation. Pure numpy + FAISS: importing this package needs no torch.
+"""
+
+from compatembed.eval.compatibility import (
+    average_compatibility,
+    average_multimodel_accuracy,
+    check_compatibility_matrix,
+    compatibility_criterion_matrix,
+    empirical_compatibility,
+    update_gain,
+)
+from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
+from compatembed.eval.tables import matrix_markdown, pair_table_markdown
+
+__all__ = [
+    "RetrievalEvaluator",
+    "average_compatibility",
+    "average_multimodel_accuracy",
+    "check_compatibility_matrix",
+    "compatibility_criterion_matrix",
+    "empirical_compatibility",
+    "list_metrics",
+    "matrix_markdown",
+    "pair_table_markdown",
+    "per_query_metrics",
+    "retrieval_metrics",
+    "update_gain",
+]
