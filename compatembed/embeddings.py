@@ -1,0 +1,109 @@
+"""Embedding a dataset with a model, and the on-disk format of extracted embeddings.
+
+One function embeds for every caller (the extract CLI, evaluation, methods that cache teacher
+features), so a batch is preprocessed and normalised the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from compatembed.errors import EvalError
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddingSet:
+    """Embeddings of a labelled split.
+
+    Attributes:
+        embeddings: (N, D) float32.
+        labels: (N,) int64 class ids.
+        ids: (N,) int64 stable item ids (position in the full split).
+        meta: facts about where they came from (version id, dataset, split, normalized, ...).
+    """
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Write ``embeddings.npy``, ``labels.npy``, ``ids.npy`` and ``meta.json`` (meta last)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, array in (("embeddings", self.embeddings), ("labels", self.labels), ("ids", self.ids)):
+            tmp = out / f".{name}.npy.tmp"
+            with open(tmp, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, out / f"{name}.npy")
+        meta = dict(self.meta, count=len(self), dim=int(self.embeddings.shape[1]))
+        tmp = out / ".meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, out / "meta.json")
+        return out
+
+    @classmethod
+    def load(cls, in_dir: str | os.PathLike[str]) -> "EmbeddingSet":
+        path = Path(in_dir)
+        if not (path / "meta.json").is_file():
+            raise EvalError(f"{path} holds no extracted embeddings (no meta.json); run compatembed-extract first")
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in ("embeddings", "labels", "ids")}
+        if not (len(arrays["embeddings"]) == len(arrays["labels"]) == len(arrays["ids"]) == meta.get("count")):
+            raise EvalError(f"{path}: embeddings, labels and ids have different lengths (a partial write?)")
+        return cls(meta=meta, **arrays)
+
+
+def _model_embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    embed = getattr(model, "embed", None)
+    return embed(images) if callable(embed) else model(images)
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    desc: str = "embed",
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Embed every item of ``dataset`` (which yields ``(image, label)``) in order.
+
+    The model's ``embed`` (its deployed, normalised embedding) is used when it has one.
+
+    Returns:
+        An :class:`EmbeddingSet` with ``ids`` taken from ``dataset.ids`` when present, else positions.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    device = torch.device(device)
+    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        out = _model_embed(model, images.to(device, non_blocking=True))
+        chunks.append(out.float().cpu().numpy())
+        labels.append(np.asarray(targets, dtype=np.int64))
+    model.train(was_training)
+    ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
+    embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)

@@ -1,0 +1,213 @@
+"""The one interface every training method implements.
+
+A method composes a new model (trained), frozen models it needs (the deployed old model; for BT²
+also an independently trained new model) and its loss terms. The shared trainer calls
+:meth:`Method.setup` once, :meth:`Method.training_forward` per batch and :meth:`Method.finalize`
+after the last epoch, then exports :meth:`Method.deployed_model` with the relations of
+:meth:`Method.compatibility_edges`. Adding a method is one module here and one ``conf/method`` file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from compatembed.embeddings import embed_dataset
+from compatembed.errors import ConfigError
+from compatembed.models.version import (
+    CompatibilityEdge,
+    LoadedVersion,
+    load_manifest,
+    load_model_version,
+    module_sha256,
+)
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use to prepare itself before training.
+
+    Attributes:
+        train_set: the training split (train transforms of the new model); yields ``(image, label)``.
+        eval_view: returns the SAME items, in the same order, under a model's eval preprocessing
+            (for teacher features; the old model's input size may differ from the new one's).
+        num_classes: size of the label space (classes keep their ids).
+        train_classes: the class ids present in ``train_set``.
+        device: where training runs.
+        batch_size / num_workers: for feature extraction passes.
+        model_config: the new model's instantiable config (methods derive the deployed config from it).
+        cache_dir: where teacher features may be cached (None: no cache).
+    """
+
+    train_set: Dataset
+    eval_view: Callable[[Any], Dataset]
+    num_classes: int
+    train_classes: list[int]
+    device: torch.device
+    batch_size: int = 256
+    num_workers: int = 0
+    model_config: dict[str, Any] = field(default_factory=dict)
+    cache_dir: Path | None = None
+
+    def features(self, model: nn.Module, *, name: str) -> torch.Tensor:
+        """L2-normalised features of every training item under ``model`` (eval mode, no augmentation).
+
+        Returns:
+            (N, D) float32 tensor on CPU, row i = item i of ``train_set``. Cached on disk under
+            ``cache_dir`` keyed by the model's weights hash and the item ids.
+        """
+        dataset = self.eval_view(model.preprocessing)
+        ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
+        key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes()).hexdigest()[:16]
+        cache = self.cache_dir / f"{name}-{key}.pt" if self.cache_dir else None
+        if cache is not None and cache.is_file():
+            _logger.info("teacher features %s from cache %s", name, cache)
+            return torch.load(cache, weights_only=True)
+        model = model.to(self.device)
+        feats = embed_dataset(
+            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}"
+        ).embeddings
+        out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save(out, tmp)
+            tmp.replace(cache)
+        return out
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Put a teacher in eval mode without gradients (it stays so: :meth:`Method.train` keeps it)."""
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """P[c] = mean of the (normalised) features of class c; zeros for absent classes (not renormalised).
+
+    This is the pseudo classifier of the OCA/BT² code bases, built from the old model's features.
+    """
+    protos = torch.zeros(num_classes, features.shape[1], dtype=features.dtype)
+    protos.index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).clamp(min=1).to(features.dtype)
+    return protos / counts[:, None]
+
+
+METHODS: dict[str, type["Method"]] = {}
+
+
+def list_methods() -> list[str]:
+    """Names of the registered methods (each module in this package registers one)."""
+    return sorted(METHODS)
+
+
+class Method(nn.Module):
+    """Base class: a new model plus what a method needs to train it compatibly.
+
+    Subclasses set ``name`` and implement :meth:`training_forward`; they override :meth:`setup`,
+    :meth:`finalize`, :meth:`deployed_model`, :meth:`deployed_config` and
+    :meth:`compatibility_edges` where their deployed embedding differs from ``self.model``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in METHODS and METHODS[cls.name] is not cls:
+                raise ValueError(f"duplicate method name {cls.name!r}")
+            METHODS[cls.name] = cls
+
+    def __init__(self, model: nn.Module, num_classes: int, old_version: str | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.old_version_path = old_version
+        self.old: LoadedVersion | None = None
+        self._frozen: dict[str, nn.Module] = {}
+
+    # -- frozen teachers -------------------------------------------------------------------------
+    def load_old(self, *, required: bool) -> LoadedVersion | None:
+        """Load the deployed old model version named by ``old_version`` and freeze it."""
+        if self.old_version_path is None:
+            if required:
+                raise ConfigError(f"method {self.name!r} needs method.old_version=<old model version dir>")
+            return None
+        self.old = load_model_version(self.old_version_path)
+        self.old_model = freeze(self.old.model)
+        self._frozen["old_model"] = self.old_model
+        return self.old
+
+    def add_frozen(self, name: str, module: nn.Module) -> nn.Module:
+        setattr(self, name, freeze(module))
+        self._frozen[name] = module
+        return module
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        return dict(self._frozen)
+
+    def frozen_hashes(self) -> dict[str, str]:
+        return {name: module_sha256(module) for name, module in self._frozen.items()}
+
+    def train(self, mode: bool = True) -> "Method":
+        super().train(mode)
+        for module in self._frozen.values():
+            module.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        frozen = {id(p) for module in self._frozen.values() for p in module.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in frozen]
+
+    # -- the interface ---------------------------------------------------------------------------
+    def setup(self, ctx: MethodContext) -> None:
+        """Prepare before training (load teachers, cache their features). Default: nothing."""
+
+    def training_forward(
+        self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """One batch → (named, already weighted loss terms to be summed; extra scalars to log).
+
+        Args:
+            images: (B, C, H, W) training images.
+            labels: (B,) class ids.
+            indices: (B,) positions of the items in ``ctx.train_set`` (to look up cached features).
+        """
+        raise NotImplementedError
+
+    def finalize(self, ctx: MethodContext) -> dict[str, Any]:
+        """After the last epoch (post-hoc fitting). Returns facts for the manifest. Default: nothing."""
+        return {}
+
+    def deployed_model(self) -> nn.Module:
+        """The module whose ``embed`` is the deployed embedding (saved in the version directory)."""
+        return self.model
+
+    def deployed_config(self, model_config: dict[str, Any]) -> dict[str, Any]:
+        """Instantiable config of :meth:`deployed_model`, derived from the new model's config."""
+        return model_config
+
+    def compatibility_edges(self) -> list[CompatibilityEdge]:
+        """Relations of the deployed embedding to other versions. Default: none."""
+        return []
+
+    @property
+    def parent_version_id(self) -> str | None:
+        """The version this model is trained against (named in the manifest even without a relation)."""
+        if self.old is not None:
+            return self.old.version_id
+        if self.old_version_path is not None:
+            return str(load_manifest(self.old_version_path)["version_id"])
+        return None

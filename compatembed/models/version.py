@@ -1,0 +1,312 @@
+"""Model version directories: the contract between training and serving.
+
+A version directory holds the deployed embedding module's weights (safetensors), a ``manifest.json``
+that says what the module is and how its space relates to other versions, and the compatibility
+transforms as plain numpy arrays. The format is documented in ``docs/model_version_format.md``; the
+index service reads the manifest and the arrays without torch.
+
+Files are written one by one, each atomically, and the manifest last: a directory without a manifest
+is not a version, and the manifest's sha256 sums catch a weights file that was changed afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compatembed.errors import ManifestError
+
+_logger = logging.getLogger(__name__)
+
+FORMAT = "compatembed.model_version/1"
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+EDGE_KINDS = ("identity", "prefix", "affine", "forward")
+_VERSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_WEIGHT_KEYS = ("weights",)  # config keys that point at local weight files, cleared on load
+
+
+@dataclass
+class CompatibilityEdge:
+    """How this version's vectors compare with another version's (see the format doc).
+
+    Attributes:
+        kind: ``identity`` | ``prefix`` | ``affine`` | ``forward``.
+        other: the target version (``source`` for ``forward`` edges).
+        dim: for ``prefix``: the number of leading coordinates that live in the target space.
+        arrays: for ``affine`` (``weight`` (d_target, d_self), ``bias`` (d_target,)) and ``forward``
+            (``w0, b0, w1, b1, ...``, each ``w_i`` (out, in)).
+        activation: for ``forward``: the nonlinearity between layers.
+        normalize_output: L2-normalise the transformed vector.
+        info: free-form facts written to the manifest (e.g. the λ used, singular values).
+    """
+
+    kind: str
+    other: str
+    dim: int | None = None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    activation: str | None = None
+    normalize_output: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in EDGE_KINDS:
+            raise ManifestError(f"unknown compatibility edge kind {self.kind!r}; known: {', '.join(EDGE_KINDS)}")
+        if self.kind == "prefix" and (self.dim is None or self.dim <= 0):
+            raise ManifestError("a prefix edge needs a positive dim")
+        if self.kind == "affine" and set(self.arrays) != {"weight", "bias"}:
+            raise ManifestError("an affine edge needs exactly the arrays 'weight' and 'bias'")
+        if self.kind == "forward" and not self.arrays:
+            raise ManifestError("a forward edge needs its layer arrays w0, b0, ...")
+
+    @property
+    def file(self) -> str | None:
+        if self.kind == "affine":
+            return f"transforms/affine_to_{self.other}.npz"
+        if self.kind == "forward":
+            return f"transforms/forward_from_{self.other}.npz"
+        return None
+
+    def to_manifest(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"kind": self.kind}
+        entry["source" if self.kind == "forward" else "target"] = self.other
+        if self.kind == "prefix":
+            entry["dim"] = int(self.dim)  # type: ignore[arg-type]
+        if self.file is not None:
+            entry["file"] = self.file
+            entry["normalize_output"] = self.normalize_output
+        if self.kind == "forward":
+            entry["activation"] = self.activation or "relu"
+        if self.info:
+            entry["info"] = self.info
+        return entry
+
+
+@dataclass
+class LoadedVersion:
+    """A model version loaded for inference: the module in eval mode and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model: nn.Module
+
+    @property
+    def version_id(self) -> str:
+        return str(self.manifest["version_id"])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.manifest["embedding"]["dim"])
+
+    @property
+    def edges(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("compatibility", []))
+
+    def edge_arrays(self, edge: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Load the arrays of one of this version's edges (verified against the manifest)."""
+        return load_edge_arrays(self.path, self.manifest, edge)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def module_sha256(module: nn.Module) -> str:
+    """A hash of a module's parameters and buffers, to prove a frozen model was not changed."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _clear_weight_paths(config: Any) -> Any:
+    """Copy of a model config with every local-weights path set to None (weights come from the version)."""
+    if isinstance(config, dict):
+        return {k: (None if k in _WEIGHT_KEYS else _clear_weight_paths(v)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_clear_weight_paths(v) for v in config]
+    return config
+
+
+def save_model_version(
+    out_dir: str | os.PathLike[str],
+    *,
+    version_id: str,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    embed_dim: int,
+    normalized: bool,
+    preprocessing: dict[str, Any],
+    training: dict[str, Any],
+    parent: str | None = None,
+    edges: list[CompatibilityEdge] | None = None,
+) -> Path:
+    """Write a model version directory (weights, transforms, then the manifest, each atomically).
+
+    Args:
+        out_dir: the version directory (created if needed; other files in it are left alone).
+        version_id: unique id, ``[A-Za-z0-9._-]{1,64}``.
+        model: the deployed embedding module; its ``state_dict`` is saved.
+        model_config: a Hydra-instantiable config that rebuilds ``model`` (``_target_`` ...).
+        embed_dim: dimension of the deployed embedding.
+        normalized: whether the deployed embedding is L2-normalised.
+        preprocessing: ``Preprocessing.to_dict()`` of the model's input pipeline.
+        training: facts about training (dataset, classes, method, seed, epochs, ...).
+        parent: the version this one is compatible with, if any.
+        edges: compatibility relations (see :class:`CompatibilityEdge`).
+
+    Returns:
+        The version directory path.
+    """
+    from safetensors.torch import save as safetensors_bytes
+
+    if not _VERSION_ID.match(version_id):
+        raise ManifestError(f"invalid version id {version_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    edges = edges or []
+    files: dict[str, str] = {}
+
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    weights_path = out / WEIGHTS
+    _atomic_write(weights_path, lambda h: h.write(safetensors_bytes(state)))
+    files[WEIGHTS] = sha256_file(weights_path)
+
+    for edge in edges:
+        if edge.file is None:
+            continue
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in edge.arrays.items()}
+        _atomic_write(out / edge.file, lambda h, a=arrays: np.savez(h, **a))
+        files[edge.file] = sha256_file(out / edge.file)
+
+    manifest = {
+        "format": FORMAT,
+        "version_id": version_id,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": _clear_weight_paths(model_config),
+        "embedding": {"dim": int(embed_dim), "normalized": bool(normalized), "dtype": "float32"},
+        "preprocessing": preprocessing,
+        "training": training,
+        "parent": parent,
+        "compatibility": [edge.to_manifest() for edge in edges],
+        "files": files,
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    _atomic_write(out / MANIFEST, lambda h: h.write(text.encode()))
+    _logger.info("wrote model version %s to %s", version_id, out)
+    return out
+
+
+def load_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate a version directory's manifest (no torch work, no checksum of weights)."""
+    path = Path(version_dir)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise ManifestError(f"model version directory not found: {path}")
+    if not manifest_path.is_file():
+        raise ManifestError(f"{path} is not a model version directory: no {MANIFEST}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"unreadable manifest {manifest_path}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{manifest_path}: not a {FORMAT} manifest")
+    for key in ("version_id", "model", "embedding", "preprocessing", "files"):
+        if key not in manifest:
+            raise ManifestError(f"{manifest_path}: missing key {key!r}")
+    return manifest
+
+
+def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path:
+    path = version_dir / name
+    expected = manifest["files"].get(name)
+    if expected is None:
+        raise ManifestError(f"{version_dir}: manifest lists no checksum for {name}")
+    if not path.is_file():
+        raise ManifestError(f"{version_dir}: {name} is missing")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ManifestError(
+            f"{path} does not match its manifest (sha256 {actual[:12]}… != {expected[:12]}…): "
+            "the file was changed or belongs to another version"
+        )
+    return path
+
+
+def load_edge_arrays(version_dir: str | os.PathLike[str], manifest: dict[str, Any], edge: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Load and verify the ``.npz`` arrays of an ``affine`` or ``forward`` edge."""
+    if "file" not in edge:
+        return {}
+    path = _verify_file(Path(version_dir), manifest, edge["file"])
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def load_model_version(
+    version_dir: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
+) -> LoadedVersion:
+    """Rebuild the deployed embedding module of a version and load its verified weights.
+
+    Raises:
+        ManifestError: missing/corrupt manifest, weights that do not match the manifest's checksum,
+            or weights that do not fit the architecture the manifest names.
+    """
+    from hydra.utils import instantiate
+    from safetensors.torch import load_file
+
+    path = Path(version_dir)
+    manifest = load_manifest(path)
+    weights = _verify_file(path, manifest, WEIGHTS)
+    try:
+        model = instantiate(_clear_weight_paths(manifest["model"]), _convert_="all")
+    except Exception as exc:  # hydra wraps the cause; report it on one line
+        raise ManifestError(f"{path}: cannot build the model the manifest names: {exc}".splitlines()[0]) from exc
+    state = load_file(str(weights), device=str(map_location))
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ManifestError(f"{weights} does not fit the manifest's architecture: {exc}".replace("\n", " ")) from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise ManifestError(
+            f"{weights} does not fit the manifest's architecture: missing {list(result.missing_keys)[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]}"
+        )
+    dim = int(manifest["embedding"]["dim"])
+    model_dim = getattr(model, "embed_dim", dim)
+    if int(model_dim) != dim:
+        raise ManifestError(f"{path}: manifest says embedding dim {dim}, the model produces {model_dim}")
+    model.to(map_location).eval()
+    return LoadedVersion(path=path, manifest=manifest, model=model)

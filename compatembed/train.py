@@ -1,0 +1,173 @@
+"""``compatembed-train``: train a model version with a method and write its version directory.
+
+Examples:
+    compatembed-train experiment=cifar10_independent_old
+    compatembed-train data=cifar10 data.classes=0-4 model=cifar_resnet20 trainer.epochs=5 version_id=old
+    compatembed-train experiment=cifar10_independent_new trainer.device=cuda logger=wandb
+
+``train(cfg)`` is a plain function (tests call it with a composed config); ``main`` adds Hydra.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from compatembed.cli import run_cli
+from compatembed.data import build_dataset, build_transform
+from compatembed.errors import ConfigError
+from compatembed.methods.base import Method, MethodContext
+from compatembed.models.version import save_model_version
+from compatembed.training import TrainerConfig, fit, resolve_device
+
+_logger = logging.getLogger(__name__)
+
+
+class IndexedDataset(Dataset):
+    """Yields ``(image, label, position)`` so methods can look up cached per-item features."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a generator for the data loader's shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _train_classes(dataset: Dataset, num_classes: int) -> list[int]:
+    selected = getattr(dataset, "selected_classes", None)
+    return list(selected) if selected is not None else list(range(num_classes))
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train ``cfg.method`` on ``cfg.data`` and write the model version to ``cfg.output_dir``.
+
+    Returns:
+        The model version directory.
+    """
+    generator = seed_everything(int(cfg.seed))
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
+    model = instantiate(cfg.model)
+    preprocessing = model.preprocessing
+    train_set = build_dataset(cfg.data, "train", transform=build_transform(preprocessing, train=True, augment=cfg.data.augment))
+    if len(train_set) == 0:
+        raise ConfigError("the training split is empty after class selection")
+    method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
+    device = resolve_device(cfg.trainer.device)
+    loader_cfg = cfg.data.loader
+    ctx = MethodContext(
+        train_set=train_set,
+        eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
+        num_classes=int(cfg.data.num_classes),
+        train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
+        device=device,
+        batch_size=int(loader_cfg.eval_batch_size),
+        num_workers=int(loader_cfg.num_workers),
+        model_config=model_cfg,
+        cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
+    )
+    method.setup(ctx)
+    frozen_before = method.frozen_hashes()
+
+    batch_size = int(loader_cfg.batch_size)
+    loader = DataLoader(
+        IndexedDataset(train_set),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > batch_size,
+        num_workers=int(loader_cfg.num_workers),
+        persistent_workers=int(loader_cfg.num_workers) > 0,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        summary = fit(
+            method,
+            loader,
+            optimizer_factory=instantiate(cfg.optim.optimizer),
+            scheduler_factory=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
+            config=trainer_cfg,
+            run_dir=run_dir,
+            logger=logger,
+        )
+        method.to("cpu")
+        facts = method.finalize(ctx)
+        logger.log_summary(summary)
+    finally:
+        logger.finish()
+
+    frozen_after = method.frozen_hashes()
+    if frozen_after != frozen_before:  # a bug, never a user error: keep the traceback
+        raise RuntimeError(f"frozen models changed during training: {sorted(frozen_before)}")
+
+    deployed = method.deployed_model().cpu().eval()
+    training = {
+        "dataset": str(cfg.data.name),
+        "classes": ctx.train_classes,
+        "num_classes": int(cfg.data.num_classes),
+        "method": method.name,
+        "seed": int(cfg.seed),
+        "epochs": int(trainer_cfg.epochs),
+        "frozen_model_sha256": frozen_after,
+        "old_version_dir": OmegaConf.select(cfg, "method.old_version"),
+        "summary": summary,
+        **facts,
+    }
+    out = save_model_version(
+        run_dir,
+        version_id=str(cfg.version_id),
+        model=deployed,
+        model_config=method.deployed_config(model_cfg),
+        embed_dim=int(deployed.embed_dim),
+        normalized=bool(getattr(deployed, "normalize", True)),
+        preprocessing=preprocessing.to_dict(),
+        training=training,
+        parent=method.parent_version_id,
+        edges=method.compatibility_edges(),
+    )
+    _logger.info("model version %s written to %s", cfg.version_id, out)
+    return out
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    out = run_cli(lambda: train(cfg))
+    print(f"model version written to {out}")
+
+
+def main() -> None:
+    """Console entry point (``compatembed-train``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""The one training loop shared by every method, its schedules and metric loggers."""
+
+from compatembed.training.loggers import CSVLogger, MetricLogger, NullLogger, WandbLogger
+from compatembed.training.loop import TrainerConfig, fit, resolve_device
+from compatembed.training.schedules import constant, warmup_cosine
+
+__all__ = [
+    "CSVLogger",
+    "MetricLogger",
+    "NullLogger",
+    "TrainerConfig",
+    "WandbLogger",
+    "constant",
+    "fit",
+    "resolve_device",
+    "warmup_cosine",
+]

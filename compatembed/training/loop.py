@@ -1,0 +1,225 @@
+"""The training loop every method shares: epochs, mixed precision, checkpoints, resume, logging.
+
+Methods supply named loss terms through ``training_forward``; the total is summed here, in one place,
+and each term is logged as ``train/<term>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from compatembed.errors import ConfigError
+from compatembed.methods.base import Method
+from compatembed.training.loggers import MetricLogger
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT = "last.ckpt"
+
+
+@dataclass
+class TrainerConfig:
+    """Loop settings (Hydra group ``trainer``).
+
+    Attributes:
+        epochs: passes over the training set (0 exports the initial model, e.g. a pretrained one).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``...
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``32``, ``bf16``, ``16`` (fp16 + grad scaler).
+        grad_clip: max gradient norm (0 = off).
+        log_every_n_steps: how often step metrics go to the logger.
+        max_steps_per_epoch: cap on steps per epoch (0 = no cap), for smoke runs.
+        checkpoint: save ``checkpoints/last.ckpt`` after each epoch.
+        resume: continue from ``checkpoints/last.ckpt`` in the run directory when it exists.
+        progress: show progress bars.
+    """
+
+    epochs: int = 10
+    device: str = "auto"
+    precision: str = "auto"
+    grad_clip: float = 0.0
+    log_every_n_steps: int = 20
+    max_steps_per_epoch: int = 0
+    checkpoint: bool = True
+    resume: bool = True
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available else CPU; a CUDA device on a host without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
+    return device
+
+
+def _autocast(device: torch.device, precision: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a grad scaler)."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "32"
+    if precision == "32":
+        return None, False
+    if precision == "bf16":
+        return torch.bfloat16, False
+    if precision == "16":
+        if device.type != "cuda":
+            raise ConfigError("trainer.precision=16 needs CUDA; use 32 or bf16 on CPU")
+        return torch.float16, True
+    raise ConfigError(f"unknown trainer.precision={precision!r}; use auto, 32, bf16 or 16")
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def fit(
+    method: Method,
+    loader: DataLoader,
+    *,
+    optimizer_factory: Callable[..., torch.optim.Optimizer],
+    scheduler_factory: Callable[..., Any] | None,
+    config: TrainerConfig,
+    run_dir: Path,
+    logger: MetricLogger,
+) -> dict[str, float]:
+    """Train ``method`` on ``loader`` (which yields ``(images, labels, indices)``).
+
+    Returns:
+        The last epoch's mean of every logged term, plus ``train/step_time_s`` (mean seconds per step,
+        data loading excluded) and ``train/epochs``.
+    """
+    device = resolve_device(config.device)
+    method.to(device)
+    params = method.trainable_parameters()
+    if not params and config.epochs > 0:
+        raise ConfigError(f"method {method.name!r} has no trainable parameters")
+    optimizer = optimizer_factory(params) if params else None
+    steps_per_epoch = len(loader) if not config.max_steps_per_epoch else min(len(loader), config.max_steps_per_epoch)
+    scheduler = (
+        scheduler_factory(optimizer, steps_per_epoch=steps_per_epoch, epochs=max(1, config.epochs))
+        if scheduler_factory is not None and optimizer is not None
+        else None
+    )
+    amp_dtype, use_scaler = _autocast(device, config.precision)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    ckpt_path = run_dir / "checkpoints" / CHECKPOINT
+    start_epoch, step = 0, 0
+    if config.resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        method.load_state_dict(state["method"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        _logger.info("resumed from %s at epoch %d", ckpt_path, start_epoch)
+
+    summary: dict[str, float] = {}
+    step_times: list[float] = []
+    for epoch in range(start_epoch, config.epochs):
+        method.train()
+        sums: dict[str, float] = {}
+        count = 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not config.progress, leave=False)
+        for batch_index, (images, labels, indices) in enumerate(loader):
+            if batch_index >= steps_per_epoch:
+                break
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            indices = indices.to(device, non_blocking=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms, report = method.training_forward(images, labels, indices)
+            loss = torch.stack([t.float() for t in terms.values()]).sum()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}")
+            assert optimizer is not None
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_times.append(time.perf_counter() - started)
+            step += 1
+            count += 1
+            values = {f"train/{k}": float(v.detach()) for k, v in terms.items()}
+            values["train/loss"] = float(loss.detach())
+            values.update({f"train/{k}": float(v) for k, v in report.items()})
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+            if step % config.log_every_n_steps == 0:
+                logger.log({**values, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
+            bar.set_postfix(loss=f"{values['train/loss']:.3f}")
+            bar.update(1)
+        bar.close()
+        summary = {f"{k}_epoch": v / max(1, count) for k, v in sums.items()}
+        logger.log({**summary, "epoch": epoch}, step)
+        _logger.info("epoch %d/%d: %s", epoch + 1, config.epochs, {k: round(v, 4) for k, v in summary.items()})
+        if config.checkpoint:
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                    "step": step,
+                },
+            )
+    # the first steps pay one-off costs (allocation, kernel selection): time the steady state
+    steady = step_times[min(len(step_times) // 10, 10):] or step_times
+    if steady:
+        summary["train/step_time_s"] = float(np.median(steady))
+    summary["train/epochs"] = float(config.epochs)
+    return summary
