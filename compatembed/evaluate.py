@@ -121,7 +121,13 @@ def _parent_dir(version_dir: Path) -> Path | None:
 
 
 def evaluate_pair(
-    query: EmbeddingSet, gallery: EmbeddingSet, *, leave_one_out: bool, topk: tuple[int, ...] = (1, 5), route: str = "auto"
+    query: EmbeddingSet,
+    gallery: EmbeddingSet,
+    *,
+    leave_one_out: bool,
+    topk: tuple[int, ...] = (1, 5),
+    route: str = "auto",
+    backend: str = "faiss",
 ) -> dict[str, Any]:
     """Metrics of ``query`` searching ``gallery`` (after routing), with the route taken."""
     q_vectors, g_vectors, taken = route_pair(query, gallery, route=route)
@@ -134,6 +140,7 @@ def evaluate_pair(
         gallery_ids=gallery.ids,
         leave_one_out=leave_one_out,
         topk=topk,
+        backend=backend,
     )
     return {**metrics, "route": taken}
 
@@ -151,7 +158,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     for q_name, g_name, q, g in (("old", "old", old, old), ("new", "new", new, new), ("new", "old", new, old)):
         _logger.info("evaluating %s/%s", q_name, g_name)
-        rows.append({"query": q_name, "gallery": g_name, **evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route))})
+        rows.append({"query": q_name, "gallery": g_name, **evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route), backend=str(cfg.backend))})
     cross, old_self = rows[2], rows[0]
     verdict = {
         metric: empirical_compatibility(cross[metric], old_self[metric]) for metric in ("top1", "mAP")

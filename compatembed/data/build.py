@@ -71,7 +71,8 @@ def build_dataset(
     """Instantiate ``data_cfg[split]`` and keep the classes its selection names.
 
     ``data.classes`` applies to ``"train"`` and ``data.eval_classes`` to ``"test"``; ``None`` keeps
-    every class. Labels and item ids are those of the full split (see :class:`ClassSubset`).
+    every class. ``data.train_per_class`` keeps the first n training items of each class (quick runs).
+    Labels and item ids are those of the full split (see :class:`ClassSubset`).
 
     Args:
         data_cfg: The ``data`` node of a composed config (interpolations such as
@@ -99,7 +100,8 @@ def build_dataset(
         raise DataError(f"data.num_classes={declared} but data.{split} has {len(dataset.classes)} classes")
     key = SPLITS[split]
     selected = parse_classes(cfg.get(key), dataset.classes)  # optional: absent means all classes
-    if selected is not None:
-        dataset = ClassSubset(dataset, selected)
+    per_class = cfg.get("train_per_class") if split == "train" else None  # optional: absent means all items
+    if selected is not None or per_class is not None:
+        dataset = ClassSubset(dataset, selected, per_class=per_class)
     _logger.info("data.%s: %r", split, dataset)
     return dataset

@@ -121,6 +121,8 @@ class ClassSubset(Dataset):
     Args:
         dataset: A dataset with ``targets``, ``ids``, ``classes`` and ``transform``.
         classes: Which classes to keep, in any form :func:`parse_classes` accepts (``None`` keeps all).
+        per_class: Keep only the first ``per_class`` items of each class, in the dataset's order
+            (deterministic; for quick runs on a budget). ``None`` keeps every item.
 
     Attributes:
         selected_classes: Sorted class ids kept.
@@ -133,13 +135,22 @@ class ClassSubset(Dataset):
         DataError: A class id is out of range or a class name unknown.
     """
 
-    def __init__(self, dataset: LabeledImageDataset, classes: Any) -> None:
+    def __init__(self, dataset: LabeledImageDataset, classes: Any, per_class: int | None = None) -> None:
         self.dataset = dataset
         self.classes: list[str] = list(dataset.classes)
         selected = parse_classes(classes, self.classes)
         self.selected_classes: list[int] = list(range(len(self.classes))) if selected is None else selected
         base_targets = np.asarray(dataset.targets, dtype=np.int64)
         self.indices: np.ndarray = np.flatnonzero(np.isin(base_targets, self.selected_classes)).astype(np.int64)
+        if per_class is not None:
+            if int(per_class) <= 0:
+                raise DataError(f"per_class must be positive, got {per_class}")
+            rank = np.zeros(len(self.indices), dtype=np.int64)  # position of each item within its class
+            for c in self.selected_classes:
+                members = base_targets[self.indices] == c
+                rank[members] = np.arange(int(members.sum()))
+            self.indices = self.indices[rank < int(per_class)]
+        self.per_class = per_class
         self.targets: np.ndarray = base_targets[self.indices]
         self.ids: np.ndarray = np.asarray(dataset.ids, dtype=np.int64)[self.indices]
         empty = sorted(set(self.selected_classes) - set(np.unique(self.targets).tolist()))
@@ -162,4 +173,5 @@ class ClassSubset(Dataset):
         return self.dataset[int(self.indices[index])]
 
     def __repr__(self) -> str:
-        return f"ClassSubset({self.dataset!r}, classes={self.selected_classes}, n={len(self)})"
+        limit = "" if self.per_class is None else f", per_class={self.per_class}"
+        return f"ClassSubset({self.dataset!r}, classes={self.selected_classes}{limit}, n={len(self)})"

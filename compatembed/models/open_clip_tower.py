@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import open_clip
 import torch
 from torch import nn
 
@@ -63,6 +62,8 @@ class OpenClipImageTower(nn.Module):
 
 
 def _preprocessing_of(visual: nn.Module) -> Preprocessing:
+    import open_clip
+
     cfg = open_clip.get_model_preprocess_cfg(visual)
     size = cfg.get("size", getattr(visual, "image_size", 224))
     h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -106,6 +107,8 @@ def open_clip_backbone(model_name: str, weights: str | None = None, **model_kwar
         ConfigError: Unknown architecture or arguments open_clip rejects.
         CheckpointError: ``weights`` is not a local file or does not fit the architecture.
     """
+    import open_clip  # imported here: importing it costs seconds, and most runs never build a CLIP tower
+
     if ":" in model_name or model_name.replace("/", "-") not in open_clip.list_models():
         raise ConfigError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
     reserved = sorted(set(_RESERVED) & set(model_kwargs))

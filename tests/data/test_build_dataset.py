@@ -140,7 +140,7 @@ def test_group_files_compose_with_hydra(name: str) -> None:
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
         cfg = compose(overrides=[f"+data={name}", "+paths.data_root=/data"])
     data = cfg.data
-    assert set(data) == {"name", "num_classes", "classes", "eval_classes", "augment", "train", "test", "loader"}
+    assert set(data) == {"name", "num_classes", "classes", "eval_classes", "train_per_class", "augment", "train", "test", "loader"}
     assert data.augment in AUGMENTATIONS
     assert data.name == name and data.classes is None and data.eval_classes is None
     assert set(data.loader) == {"batch_size", "eval_batch_size", "num_workers"}

@@ -113,3 +113,17 @@ def test_subset_errors(base: SyntheticImages) -> None:
         ClassSubset(base, [0, 6])
     with pytest.raises(DataError, match=r"unknown class 'class9' .*names: class0, class1"):
         ClassSubset(base, ["class9"])
+
+
+def test_per_class_keeps_the_first_items_of_each_class_in_order():
+    from compatembed.data import SyntheticImages
+
+    base = SyntheticImages(num_classes=4, per_class=6, seed=3)
+    subset = ClassSubset(base, [1, 3], per_class=2)
+    expected = [i for c in (1, 3) for i in [j for j, t in enumerate(base.targets) if t == c][:2]]
+    assert sorted(subset.indices.tolist()) == sorted(expected)
+    assert subset.indices.tolist() == sorted(subset.indices.tolist())  # dataset order kept
+    assert np.bincount(subset.targets, minlength=4).tolist() == [0, 2, 0, 2]
+    assert len(ClassSubset(base, None, per_class=100)) == len(base)
+    with pytest.raises(DataError, match="per_class must be positive"):
+        ClassSubset(base, None, per_class=0)

@@ -21,7 +21,7 @@ from compatembed.errors import EvalError
 from compatembed.eval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
 
 TOPK = (1, 2, 5, 10)
-BACKENDS = ("faiss", "numpy")
+BACKENDS = ("faiss", "numpy", "torch")
 
 
 def exact_embeddings(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""Evidence of the compatibility methods on the shared CIFAR-10 (old: classes 0-4, new: 0-9).
+
+Trains every method's experiment with the CLIs (``cifar10_<method>``; with ``--scenario external``
+the deployed old model is the third-party ResNet-20, ``cifar10_external_<method>``), evaluates each
+new model against the old one on the 10-class test split, and writes
+``docs/results/cifar10_methods.json`` / ``.md`` (or ``cifar10_external_methods.*``): per method
+old/old, new/new, new/old top-1/top-5/mAP/mAP@R, the empirical compatibility criterion on top-1
+and mAP, the update gain, and the training-step time relative to ``independent`` measured in the
+same run.
+
+    python -m tools.run_cifar10_methods                       # internal scenario
+    python -m tools.run_cifar10_methods --scenario external   # third-party old model
+    python -m tools.run_cifar10_methods --methods bct oca -- trainer.device=cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tools._runner import REPO, evaluate, machine, pct, train, write_json
+
+METRICS = ("top1", "top5", "mAP", "mAP@R")
+METHODS = ("bct", "oca", "bt2", "lambda_orth", "fct")
+
+
+def _row(pairs: list[dict[str, Any]], query: str, gallery: str) -> dict[str, Any]:
+    return next(p for p in pairs if p["query"] == query and p["gallery"] == gallery)
+
+
+def summarise(name: str, report: dict[str, Any], independent_self: dict[str, Any], step_ratio: float | None, wall_s: float | None) -> dict[str, Any]:
+    """One method's line: its three pairs, the criterion, the update gain and the cost."""
+    old_old, new_new, new_old = (_row(report["pairs"], q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
+    gain = {}
+    for metric in ("top1", "mAP"):
+        denominator = independent_self[metric] - old_old[metric]
+        gain[metric] = None if denominator == 0 else (new_old[metric] - old_old[metric]) / denominator
+    return {
+        "method": name,
+        "version_id": report["query_version"],
+        "old/old": {m: old_old[m] for m in METRICS},
+        "new/new": {m: new_new[m] for m in METRICS},
+        "new/old": {m: new_old[m] for m in METRICS},
+        "route": new_old["route"],
+        "compatible": report["compatible"],
+        "update_gain": gain,
+        "new_new_minus_independent": {m: new_new[m] - independent_self[m] for m in ("top1", "mAP")},
+        "step_time_vs_independent": step_ratio,
+        "wall_s": wall_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("internal", "external"), default="internal",
+                        help="internal: old = our model on classes 0-4; external: old = the third-party ResNet-20")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--runs", type=Path, default=REPO / "runs")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
+    parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
+    args = parser.parse_args(argv)
+    reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
+    prefix = "cifar10_external_" if args.scenario == "external" else "cifar10_"
+    old_name = "cifar10_external_old" if args.scenario == "external" else "cifar10_independent_old"
+    indep_name = "cifar10_external_independent_new" if args.scenario == "external" else "cifar10_independent_new"
+    eval_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths"))]
+
+    old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
+    linked = [f"method.old_version={old['version_dir']}"]
+    indep = train(indep_name, runs=runs, overrides=overrides + linked, reuse=reuse)
+    reports_dir = runs / "reports"
+    indep_report = evaluate(indep["version_dir"], old["version_dir"], reports_dir / indep_name, overrides=eval_overrides)
+    independent_self = _row(indep_report["pairs"], "new", "new")
+    indep_step = indep["manifest"]["training"]["summary"].get("train/step_time_s")
+
+    rows = [summarise("independent", indep_report, independent_self, 1.0, indep["wall_s"])]
+    for method in args.methods:
+        extra = linked + ([f"method.new_reference_version={indep['version_dir']}"] if method == "bt2" else [])
+        run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse)
+        report = evaluate(run["version_dir"], old["version_dir"], reports_dir / (prefix + method), overrides=eval_overrides)
+        step = run["manifest"]["training"]["summary"].get("train/step_time_s")
+        ratio = None if not (step and indep_step) else step / indep_step
+        rows.append(summarise(method, report, independent_self, ratio, run["wall_s"]))
+
+    name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
+    payload = {
+        "scenario": args.scenario,
+        "protocol": (
+            "shared CIFAR-10 (JPEG copy); old: " + ("the third-party ResNet-20 (all 10 classes, 64-d)" if args.scenario == "external" else "classes 0-4")
+            + "; new: classes 0-9; query set = gallery set = the 10-class test split, leave-one-out; new/old follows the "
+            "manifest's compatibility route (prefix, affine map, or forward-upgraded gallery)"
+        ),
+        "command": "python -m tools.run_cifar10_methods " + " ".join(argv if argv is not None else []),
+        "machine": machine(),
+        "old_version": old["manifest"]["version_id"],
+        "methods": rows,
+    }
+    write_json(args.out / f"{name}.json", payload)
+    md = render(payload)
+    (args.out / f"{name}.md").write_text(md)
+    print(md)
+    return 0
+
+
+def render(payload: dict[str, Any]) -> str:
+    lines = [
+        f"# Compatibility methods on the shared CIFAR-10 ({payload['scenario']} old model)",
+        "",
+        f"{payload['protocol']}. Values in %; made by `{payload['command'].strip()}`.",
+        "",
+        "| method | old/old top-1 / mAP | new/new top-1 / mAP | new/old top-1 / top-5 / mAP / mAP@R | ECC top-1 | ECC mAP | gain top-1 / mAP | Δ new/new vs indep. top-1 / mAP | step time × indep. | route |",
+        "|---|---|---|---|---|---|---|---|---:|---|",
+    ]
+    for r in payload["methods"]:
+        oo, nn, no = r["old/old"], r["new/new"], r["new/old"]
+        gain = " / ".join("—" if r["update_gain"][m] is None else f"{r['update_gain'][m]:.2f}" for m in ("top1", "mAP"))
+        delta = " / ".join(f"{100 * r['new_new_minus_independent'][m]:+.1f}" for m in ("top1", "mAP"))
+        ratio = "—" if r["step_time_vs_independent"] is None else f"{r['step_time_vs_independent']:.2f}"
+        lines.append(
+            f"| {r['method']} | {pct(oo['top1'])} / {pct(oo['mAP'])} | {pct(nn['top1'])} / {pct(nn['mAP'])} | "
+            f"{' / '.join(pct(no[m]) for m in METRICS)} | {'yes' if r['compatible']['top1'] else 'no'} | "
+            f"{'yes' if r['compatible']['mAP'] else 'no'} | {gain} | {delta} | {ratio} | {r['route']} |"
+        )
+    m = payload["machine"]
+    lines += [
+        "",
+        "ECC: the empirical compatibility criterion M(new, old) > M(old, old). Update gain: "
+        "[M(new, old) − M(old, old)] / [M(indep. new, indep. new) − M(old, old)]. Step time: median seconds per "
+        "training step (data loading excluded) relative to the independent model, same run and machine.",
+        "",
+        f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
