@@ -1,0 +1,296 @@
+"""The Python API of the index service: versions, collections, aliases, and their durable state.
+
+:class:`IndexService` owns one data directory::
+
+    <data_dir>/index.sqlite3     the store (SQLite, WAL, synchronous=FULL): the source of truth
+    <data_dir>/snapshots/        FAISS snapshots per collection (atomic, checksummed)
+    <data_dir>/LOCK              held (flock) by the one process serving the directory
+
+Example:
+    >>> svc = IndexService("/srv/gallery")                      # doctest: +SKIP
+    >>> svc.register_version("runs/v1"); svc.register_version("runs/v2")
+    >>> svc.create_collection("photos", factory="HNSW32")
+    >>> svc.add("photos", "v1", ids, vectors_v1)
+    >>> res = svc.search("photos", "v2", queries_v2, k=10)     # searches v1 items through v2 → v1
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from compatembed_index.collection import Collection, CollectionConfig, SearchResult
+from compatembed_index.errors import (
+    CollectionNotFoundError,
+    ConflictError,
+    DataDirLockedError,
+    InvalidInputError,
+)
+from compatembed_index.registry import ModelVersion, VersionRegistry, parse_version, read_version_dir
+from compatembed_index.rwlock import RWLock
+from compatembed_index.segment import Segment
+from compatembed_index.store import SQLiteStore, Store
+from compatembed_index.validation import check_name
+
+_logger = logging.getLogger(__name__)
+
+
+class _DirLock:
+    """An exclusive ``flock`` on ``<data_dir>/LOCK``: two processes must not serve one directory."""
+
+    def __init__(self, path: Path) -> None:
+        import fcntl
+
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise DataDirLockedError(f"{path.parent}: data directory is in use by another process") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class IndexService:
+    """Mixed-version galleries with durable writes.
+
+    Args:
+        data_dir: directory for the store and snapshots; None keeps everything in memory (tests, demos).
+        max_k: largest k a search may ask for.
+        max_batch: largest number of vectors, queries or ids in one call.
+        mmap: load snapshot indexes memory-mapped where FAISS allows it.
+        keep_snapshots: snapshots kept per collection.
+        store: a :class:`Store` to use instead of the SQLite store in ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path | None = None,
+        *,
+        max_k: int = 1000,
+        max_batch: int = 100_000,
+        mmap: bool = False,
+        keep_snapshots: int = 2,
+        store: Store | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.max_k, self.max_batch, self.mmap, self.keep_snapshots = max_k, max_batch, mmap, keep_snapshots
+        self._dirlock: _DirLock | None = None
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._dirlock = _DirLock(self.data_dir / "LOCK")
+        try:
+            if store is None:
+                store = SQLiteStore(self.data_dir / "index.sqlite3" if self.data_dir else ":memory:")
+            self.store = store
+            self.registry = VersionRegistry()
+            self._lock = RWLock()
+            self._collections: dict[str, Collection] = {}
+            self._aliases: dict[str, str] = {}
+            self._ready = threading.Event()
+            self._load()
+        except BaseException:
+            if self._dirlock:
+                self._dirlock.release()
+            raise
+
+    @property
+    def snapshot_root(self) -> Path | None:
+        """Where snapshots are written (None in memory)."""
+        return self.data_dir / "snapshots" if self.data_dir is not None else None
+
+    @property
+    def ready(self) -> bool:
+        """True once every collection is loaded."""
+        return self._ready.is_set()
+
+    def _load(self) -> None:
+        for manifest, files in self.store.versions():
+            self.registry.register(parse_version(manifest, files))
+        for name, raw in sorted(self.store.collections().items()):
+            coll = self._make_collection(name, CollectionConfig.from_dict(raw))
+            coll.load()
+            self._collections[name] = coll
+        self._aliases = self.store.aliases()
+        self._ready.set()
+
+    def _make_collection(self, name: str, config: CollectionConfig) -> Collection:
+        return Collection(name, config, self.registry, self.store, snapshot_root=self.snapshot_root,
+                          max_k=self.max_k, max_batch=self.max_batch, mmap=self.mmap,
+                          keep_snapshots=self.keep_snapshots)
+
+    # -- versions ---------------------------------------------------------------------------------
+    def register_version(self, path: str | Path) -> ModelVersion:
+        """Register the model version directory at ``path`` (checksums verified; idempotent).
+
+        Raises:
+            ManifestError: the directory breaks the contract or fails a checksum.
+            ConflictError: another manifest is registered under the same id.
+        """
+        version = read_version_dir(path)
+        with self._lock.write():
+            if self.registry.register(version):
+                self.store.put_version(version.version_id, version.manifest, version.files)
+        return self.registry.get(version.version_id)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Registered versions with their dimension, normalisation and edges."""
+        return [{"version_id": v.version_id, "dim": v.dim, "normalized": v.normalized,
+                 "edges": [{"kind": e.kind, ("source" if e.kind == "forward" else "target"): e.other}
+                           for e in v.edges]}
+                for v in self.registry.list()]
+
+    def route(self, query_version: str, segment_version: str) -> list[str] | None:
+        """The chain of versions a query of ``query_version`` follows to ``segment_version`` (None: no route)."""
+        r = self.registry.query_route(query_version, segment_version)
+        return None if r is None else r.path
+
+    # -- collections ------------------------------------------------------------------------------
+    def create_collection(self, name: str, **options: Any) -> dict[str, Any]:
+        """Create an empty collection; ``options`` are :class:`CollectionConfig` fields.
+
+        Raises:
+            ConflictError: the name is taken by a collection or an alias.
+            ConfigError: an unknown option or an unusable factory string.
+        """
+        check_name(name, "collection")
+        config = CollectionConfig.from_dict(options)
+        if config.materialised or config.calibration:
+            raise InvalidInputError("materialised copies and calibration are set after creation")
+        # Build a throwaway segment per factory string so a typo fails here rather than at the first add.
+        # The real dimension is per version; 1536 is divisible by most PQ/OPQ sub-quantiser counts, and a
+        # factory that does not fit a version's dimension fails (ConfigError) at that version's first add.
+        for f in {config.factory, *config.factories.values()}:
+            Segment(1536, f, "ip", device=config.device)
+        with self._lock.write():
+            if name in self._collections or name in self._aliases:
+                raise ConflictError(f"name {name!r} is already used by a collection or alias")
+            self.store.create_collection(name, config.to_dict())
+            coll = self._make_collection(name, config)
+            self._collections[name] = coll
+        return coll.stats()
+
+    def drop_collection(self, name: str) -> None:
+        """Delete a collection, its items, snapshots and the aliases that point at it."""
+        import shutil
+
+        with self._lock.write():
+            if name not in self._collections:
+                raise CollectionNotFoundError(f"no collection named {name!r}")
+            self.store.drop_collection(name)
+            del self._collections[name]
+            self._aliases = {a: c for a, c in self._aliases.items() if c != name}
+            if self.snapshot_root is not None:
+                shutil.rmtree(self.snapshot_root / name, ignore_errors=True)
+
+    def collection(self, name: str) -> Collection:
+        """The collection called ``name`` or pointed at by alias ``name``."""
+        with self._lock.read():
+            target = self._aliases.get(name, name)
+            coll = self._collections.get(target)
+        if coll is None:
+            raise CollectionNotFoundError(
+                f"no collection or alias named {name!r} (collections: {sorted(self._collections) or 'none'})"
+            )
+        return coll
+
+    def list_collections(self) -> list[str]:
+        """Collection names."""
+        with self._lock.read():
+            return sorted(self._collections)
+
+    # -- aliases ----------------------------------------------------------------------------------
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point ``alias`` at ``collection``; the switch is one committed write, atomic for readers."""
+        check_name(alias, "alias")
+        with self._lock.write():
+            if alias in self._collections:
+                raise ConflictError(f"{alias!r} is a collection name; an alias cannot shadow it")
+            if collection not in self._collections:
+                raise CollectionNotFoundError(f"no collection named {collection!r}")
+            self.store.set_alias(alias, collection)
+            self._aliases[alias] = collection
+
+    def remove_alias(self, alias: str) -> None:
+        """Delete ``alias``."""
+        with self._lock.write():
+            if alias not in self._aliases:
+                raise CollectionNotFoundError(f"no alias named {alias!r}")
+            self.store.set_alias(alias, None)
+            del self._aliases[alias]
+
+    def aliases(self) -> dict[str, str]:
+        """Alias → collection."""
+        with self._lock.read():
+            return dict(self._aliases)
+
+    # -- data -------------------------------------------------------------------------------------
+    def add(self, collection: str, version: str, ids: Any, vectors: Any,
+            metadata: list[dict[str, Any] | None] | None = None, *, upsert: bool = False) -> int:
+        """Add (or with ``upsert`` replace) items; returns the durable write's sequence number. See :meth:`Collection.add`."""
+        return self.collection(collection).add(version, ids, vectors, metadata, upsert=upsert)
+
+    def upgrade(self, collection: str, version: str, ids: Any, vectors: Any,
+                metadata: list[dict[str, Any] | None] | None = None) -> int:
+        """Move existing items to ``version`` with new vectors. See :meth:`Collection.upgrade`."""
+        return self.collection(collection).upgrade(version, ids, vectors, metadata)
+
+    def delete(self, collection: str, ids: Any) -> int:
+        """Delete items; returns how many existed."""
+        return self.collection(collection).delete(ids)[1]
+
+    def search(self, collection: str, version: str, queries: Any, k: int = 10, *, allow_partial: bool = False,
+               include_metadata: bool = True) -> SearchResult:
+        """Mixed-version search. See :meth:`Collection.search`."""
+        return self.collection(collection).search(version, queries, k, allow_partial=allow_partial,
+                                                  include_metadata=include_metadata)
+
+    def materialise(self, collection: str, source: str, target: str) -> dict[str, Any]:
+        """Forward-upgrade segment ``source`` into ``target``'s space. See :meth:`Collection.materialise`."""
+        return self.collection(collection).materialise(source, target)
+
+    def calibrate(self, collection: str, query_version: str, segment_version: str, queries: Any,
+                  k: int = 10) -> tuple[float, float]:
+        """Fit one route's score calibration. See :meth:`Collection.calibrate`."""
+        return self.collection(collection).calibrate(query_version, segment_version, queries, k)
+
+    def snapshot(self, collection: str | None = None) -> list[str]:
+        """Snapshot one collection (or all); returns the snapshot directories."""
+        names = [self.collection(collection).name] if collection else self.list_collections()
+        return [str(self.collection(n).snapshot()) for n in names]
+
+    def stats(self, collection: str | None = None) -> dict[str, Any]:
+        """Stats of one collection, or of the service (versions, collections, aliases)."""
+        if collection is not None:
+            return self.collection(collection).stats()
+        return {"versions": self.versions(), "aliases": self.aliases(),
+                "collections": {n: self.collection(n).stats() for n in self.list_collections()},
+                "last_seq": self.store.last_seq(), "data_dir": str(self.data_dir) if self.data_dir else None}
+
+    def close(self, *, snapshot: bool = False) -> None:
+        """Release the store and the directory lock (after a snapshot of every collection if asked)."""
+        try:
+            if snapshot and self.snapshot_root is not None:
+                self.snapshot()
+        finally:
+            self.store.close()
+            if self._dirlock:
+                self._dirlock.release()
+                self._dirlock = None
+
+    def __enter__(self) -> IndexService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

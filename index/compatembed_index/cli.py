@@ -1,0 +1,234 @@
+"""``compatembed-index``: manage and serve a mixed-version gallery from the command line.
+
+Every command but ``serve`` opens the data directory, does one thing and prints JSON. Arrays are
+``.npy`` files (``compatembed-extract`` writes ``embeddings.npy`` and ``ids.npy``). Errors caused by
+input print one line to stderr and exit with status 2.
+
+Examples::
+
+    compatembed-index --data-dir gallery register runs/v1 runs/v2
+    compatembed-index --data-dir gallery create photos --factory HNSW32
+    compatembed-index --data-dir gallery add photos --version v1 --vectors emb.npy --ids ids.npy
+    compatembed-index --data-dir gallery search photos --version v2 --queries q.npy -k 10
+    compatembed-index --data-dir gallery serve --port 8080 --api-key "$KEY"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compatembed_index.errors import IndexServiceError, InvalidInputError
+
+_logger = logging.getLogger(__name__)
+
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} file not found: {path}") from None
+    except ValueError as exc:
+        raise InvalidInputError(f"{what} file {path} is not a plain .npy array: {exc}") from None
+
+
+def _load_metadata(path: str | None, n: int) -> list[dict[str, Any] | None] | None:
+    if path is None:
+        return None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        meta = [json.loads(line) if line.strip() and line.strip() != "null" else None for line in lines]
+    except FileNotFoundError:
+        raise InvalidInputError(f"metadata file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"metadata file {path}: not JSON lines ({exc})") from None
+    if len(meta) != n:
+        raise InvalidInputError(f"metadata file {path} has {len(meta)} lines for {n} items")
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = argparse.ArgumentParser(
+        prog="compatembed-index",
+        description="A mixed-version FAISS gallery: items embedded by different model versions, "
+        "searched from any version through the compatibility edges in the version manifests.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Environment: COMPATEMBED_INDEX_DATA_DIR, COMPATEMBED_INDEX_API_KEY and the other "
+        "COMPATEMBED_INDEX_* settings (see docs/index_service.md).",
+    )
+    p.add_argument("--data-dir", default=os.environ.get("COMPATEMBED_INDEX_DATA_DIR"),
+                   help="store + snapshots directory (default: $COMPATEMBED_INDEX_DATA_DIR)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("register", help="register model version directories (checksums verified)")
+    s.add_argument("paths", nargs="+", help="model version directories written by compatembed-train")
+
+    s = sub.add_parser("create", help="create a collection")
+    s.add_argument("name")
+    s.add_argument("--factory", default="Flat", help="FAISS factory string for every segment (default Flat)")
+    s.add_argument("--factory-for", action="append", default=[], metavar="VERSION=FACTORY",
+                   help="per-version factory override (repeatable)")
+    s.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=16 or efSearch=64")
+    s.add_argument("--train-size", type=int, default=None, help="vectors to collect before training IVF/PQ")
+    s.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+
+    for name, helptext in (("add", "add items of one model version"),
+                           ("upgrade", "move existing items to a newer version (partial backfill)")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("name", help="collection or alias")
+        s.add_argument("--version", required=True, help="model version that embedded the vectors")
+        s.add_argument("--vectors", required=True, help=".npy (N, D) float32")
+        s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
+        s.add_argument("--metadata", help="JSON lines, one object (or null) per item")
+        if name == "add":
+            s.add_argument("--upsert", action="store_true", help="replace items that already exist")
+
+    s = sub.add_parser("delete", help="delete items")
+    s.add_argument("name")
+    s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
+
+    s = sub.add_parser("search", help="search with queries of one model version")
+    s.add_argument("name")
+    s.add_argument("--version", required=True, help="model version of the queries")
+    s.add_argument("--queries", required=True, help=".npy (Q, D) float32")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--allow-partial", action="store_true", help="skip segments without a route instead of failing")
+    s.add_argument("--out", help="write the JSON results here instead of stdout")
+
+    s = sub.add_parser("materialise", help="forward-upgrade a segment into a newer version's space")
+    s.add_argument("name")
+    s.add_argument("--source", required=True)
+    s.add_argument("--target", required=True)
+
+    s = sub.add_parser("snapshot", help="write FAISS snapshots (all collections by default)")
+    s.add_argument("name", nargs="?")
+
+    s = sub.add_parser("stats", help="print service or collection stats")
+    s.add_argument("name", nargs="?")
+
+    s = sub.add_parser("alias", help="point an alias at a collection (atomic switch)")
+    s.add_argument("alias")
+    s.add_argument("collection")
+
+    s = sub.add_parser("serve", help="serve the HTTP API (binds 127.0.0.1 unless --host says otherwise)")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="TCP port (default 8080)")
+    s.add_argument("--api-key", default=None,
+                   help="require this key for writes (default: $COMPATEMBED_INDEX_API_KEY; none: writes open)")
+    s.add_argument("--max-body-bytes", type=int, default=None)
+    s.add_argument("--max-k", type=int, default=None)
+    return p
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from compatembed_index.settings import IndexSettings
+
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = Path(args.data_dir)
+    for key in ("host", "port", "api_key", "max_body_bytes", "max_k"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    return IndexSettings(**overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from compatembed_index.server import create_app
+
+    settings = _settings(args)
+    if settings.data_dir is None:
+        _logger.warning("no --data-dir: serving an in-memory index (nothing survives a restart)")
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        _logger.warning("binding %s without an API key: anyone who can reach it can write", settings.host)
+    uvicorn.run(create_app(None, settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> Any:
+    from compatembed_index.api import IndexService
+
+    if not args.data_dir:
+        raise InvalidInputError("--data-dir (or COMPATEMBED_INDEX_DATA_DIR) is required")
+    settings = _settings(args)
+    with IndexService(args.data_dir, max_k=settings.max_k, max_batch=10**9, mmap=settings.mmap,
+                      keep_snapshots=settings.keep_snapshots) as svc:
+        c = args.command
+        if c == "register":
+            return [svc.register_version(p).version_id for p in args.paths]
+        if c == "create":
+            factories = {}
+            for item in args.factory_for:
+                if "=" not in item:
+                    raise InvalidInputError(f"--factory-for needs VERSION=FACTORY, got {item!r}")
+                v, f = item.split("=", 1)
+                factories[v] = f
+            return svc.create_collection(args.name, factory=args.factory, factories=factories,
+                                         search_params=args.search_params, train_size=args.train_size,
+                                         device=args.device)
+        if c in ("add", "upgrade"):
+            x = _load_npy(args.vectors, "vectors")
+            ids = _load_npy(args.ids, "ids")
+            meta = _load_metadata(args.metadata, len(ids))
+            if c == "add":
+                seq = svc.add(args.name, args.version, ids, x, meta, upsert=args.upsert)
+            else:
+                seq = svc.upgrade(args.name, args.version, ids, x, meta)
+            return {c: int(len(ids)), "seq": seq}
+        if c == "delete":
+            return {"deleted": svc.delete(args.name, _load_npy(args.ids, "ids"))}
+        if c == "search":
+            q = _load_npy(args.queries, "queries")
+            res = svc.search(args.name, args.version, q, args.k, allow_partial=args.allow_partial)
+            out = {"results": [res.hits(i) for i in range(len(q))], "routes": res.routes, "skipped": res.skipped}
+            if args.out:
+                Path(args.out).write_text(json.dumps(out))
+                return {"written": args.out, "queries": len(q)}
+            return out
+        if c == "materialise":
+            return svc.materialise(args.name, args.source, args.target)
+        if c == "snapshot":
+            return {"snapshots": svc.snapshot(args.name)}
+        if c == "stats":
+            return svc.stats(args.name)
+        if c == "alias":
+            svc.set_alias(args.alias, args.collection)
+            return {"alias": args.alias, "collection": args.collection}
+    raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 for an error caused by input)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        print(json.dumps(_run(args), indent=1, default=str))
+        return 0
+    except IndexServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError):
+            print(f"error: invalid setting: {exc.errors()[0].get('loc')}: {exc.errors()[0].get('msg')}",
+                  file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

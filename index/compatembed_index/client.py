@@ -1,0 +1,97 @@
+"""A small HTTP client that mirrors :class:`~compatembed_index.api.IndexService` and re-raises its errors.
+
+The server answers errors as ``{"error": name, "message": ...}``; the client looks the name up in
+:data:`~compatembed_index.errors.ERROR_TYPES` and raises the same class, so code written against the
+Python API handles remote errors unchanged. Needs ``httpx`` (imported when a client is created).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from compatembed_index.errors import ERROR_TYPES, IndexServiceError
+
+
+def _rows(x: Any) -> list[list[float]]:
+    return np.asarray(x, dtype=np.float64).tolist() if isinstance(x, np.ndarray) else x
+
+
+def _ids(ids: Any) -> list[int]:
+    return np.asarray(ids).tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
+class IndexClient:
+    """Client of the index service's HTTP API.
+
+    Args:
+        base_url: e.g. ``http://127.0.0.1:8080``.
+        api_key: sent as ``X-API-Key`` when given.
+        timeout: seconds per request.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 60.0) -> None:
+        import httpx
+
+        headers = {"X-API-Key": api_key} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        r = self._http.request(method, path, json=body)
+        if r.status_code >= 400:
+            try:
+                payload = r.json()
+                cls = ERROR_TYPES.get(payload.get("error"), IndexServiceError)
+                message = payload.get("message", r.text)
+            except ValueError:
+                cls, message = IndexServiceError, r.text
+            err = cls(message)
+            err.status_code = r.status_code
+            raise err
+        return r.json()
+
+    def register_version(self, path: str) -> dict[str, Any]:
+        """Register a version directory (a path on the server)."""
+        return self._call("POST", "/versions", {"path": str(path)})
+
+    def create_collection(self, name: str, **options: Any) -> dict[str, Any]:
+        """Create a collection."""
+        return self._call("POST", "/collections", {"name": name, **options})
+
+    def add(self, collection: str, version: str, ids: Any, vectors: Any,
+            metadata: list[dict[str, Any] | None] | None = None, *, upsert: bool = False) -> int:
+        """Add items; returns the write's sequence number."""
+        body = {"version": version, "ids": _ids(ids), "vectors": _rows(vectors), "metadata": metadata, "upsert": upsert}
+        return self._call("POST", f"/collections/{collection}/points", body)["seq"]
+
+    def upgrade(self, collection: str, version: str, ids: Any, vectors: Any) -> int:
+        """Move items to ``version``."""
+        body = {"version": version, "ids": _ids(ids), "vectors": _rows(vectors)}
+        return self._call("POST", f"/collections/{collection}/points/upgrade", body)["seq"]
+
+    def delete(self, collection: str, ids: Any) -> int:
+        """Delete items; returns how many existed."""
+        return self._call("POST", f"/collections/{collection}/points/delete", {"ids": _ids(ids)})["deleted"]
+
+    def search(self, collection: str, version: str, queries: Any, k: int = 10, *,
+               allow_partial: bool = False) -> dict[str, Any]:
+        """Search; returns ``{"results": [[{id, score, version, metadata}, ...], ...], "routes", "skipped"}``."""
+        body = {"version": version, "vectors": _rows(queries), "k": k, "allow_partial": allow_partial}
+        return self._call("POST", f"/collections/{collection}/search", body)
+
+    def materialise(self, collection: str, source: str, target: str) -> dict[str, Any]:
+        """Forward-upgrade a segment."""
+        return self._call("POST", f"/collections/{collection}/materialise", {"source": source, "target": target})
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        """Point an alias at a collection."""
+        self._call("PUT", f"/aliases/{alias}", {"collection": collection})
+
+    def stats(self, collection: str) -> dict[str, Any]:
+        """Collection stats."""
+        return self._call("GET", f"/collections/{collection}")
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()

@@ -1,0 +1,709 @@
+"""A collection: one segment per model version, searched together from any query version.
+
+Each item (a 64-bit id) lives in exactly one segment, the one of the version that embedded it. A
+search from query version ``q`` picks, per segment of version ``s``, one route:
+
+1. ``s == q``: search the segment with the query as is;
+2. a forward-upgraded copy of segment ``s`` exists in ``q``'s space (see :meth:`Collection.materialise`):
+   search the copy with the query as is;
+3. a query route ``q → s`` (identity / prefix / affine edges, composed along chains): transform the
+   query, search segment ``s``;
+4. otherwise there is no route: the segment is skipped when the request allows partial results, and
+   the request fails with :class:`~compatembed_index.errors.NoRouteError` otherwise.
+
+Per-segment top-k lists are merged by score (after an optional per-route affine score calibration).
+Mutations commit to the store first (durable), then update the in-memory segments under the write
+side of a readers-writer lock, so searches never observe a half-applied batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compatembed_index import snapshot as snap
+from compatembed_index.errors import (
+    ConfigError,
+    DuplicateIdError,
+    InvalidInputError,
+    ItemNotFoundError,
+    NoRouteError,
+)
+from compatembed_index.registry import Route, VersionRegistry
+from compatembed_index.rwlock import RWLock
+from compatembed_index.segment import Segment
+from compatembed_index.store import Store
+from compatembed_index.validation import as_ids, as_matrix, as_metadata, check_float, check_k, normalize_rows
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CollectionConfig:
+    """How a collection builds its segments (persisted with the collection).
+
+    Attributes:
+        factory: FAISS factory string for every segment (``Flat``, ``IVF256,Flat``, ``HNSW32``, …).
+        factories: per-version overrides of ``factory``.
+        search_params: FAISS ParameterSpace string applied to trained segments (``nprobe=16``).
+        train_size: vectors collected before training an index that needs it (None: FAISS-guided default).
+        device: ``cpu`` or ``gpu``.
+        materialised: forward-upgraded copies kept, as ``[source, target]`` pairs.
+        calibration: ``"<query version>|<segment version>"`` → ``[scale, shift]`` applied to route scores.
+    """
+
+    factory: str = "Flat"
+    factories: dict[str, str] = field(default_factory=dict)
+    search_params: str = ""
+    train_size: int | None = None
+    device: str = "cpu"
+    materialised: list[list[str]] = field(default_factory=list)
+    calibration: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CollectionConfig:
+        """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown collection option(s) {unknown} (known: {sorted(known)})")
+        cfg = cls(**raw)
+        if not isinstance(cfg.factory, str) or not isinstance(cfg.factories, dict):
+            raise ConfigError("factory must be a string and factories a mapping of version → factory string")
+        if cfg.train_size is not None and (not isinstance(cfg.train_size, int) or cfg.train_size < 1):
+            raise ConfigError(f"train_size must be a positive integer, got {cfg.train_size!r}")
+        if cfg.device not in ("cpu", "gpu"):
+            raise ConfigError(f"device must be 'cpu' or 'gpu', got {cfg.device!r}")
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+    def factory_for(self, version: str) -> str:
+        """The factory string used for ``version``'s segment."""
+        return self.factories.get(version, self.factory)
+
+
+@dataclass
+class SearchResult:
+    """Merged top-k results of a batch of queries.
+
+    Attributes:
+        ids: (Q, k) int64, −1 where fewer than k items were found.
+        scores: (Q, k) float32, −inf where no item.
+        versions: (Q, k) version id of the item that answered (None where no item).
+        metadata: (Q, k) metadata objects (None when absent or not requested).
+        routes: segment version → how it was searched (``direct``, ``query:v3>v2>v1``, ``copy:v1>v3``).
+        skipped: segment versions skipped for lack of a route (only with ``allow_partial``).
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    versions: list[list[str | None]]
+    metadata: list[list[Any]] | None
+    routes: dict[str, str]
+    skipped: list[str]
+
+    def hits(self, i: int) -> list[dict[str, Any]]:
+        """Results of query ``i`` as a list of ``{id, score, version, metadata}`` (no padding)."""
+        out = []
+        for j in range(self.ids.shape[1]):
+            if self.ids[i, j] < 0:
+                break
+            out.append({
+                "id": int(self.ids[i, j]),
+                "score": float(self.scores[i, j]),
+                "version": self.versions[i][j],
+                "metadata": None if self.metadata is None else self.metadata[i][j],
+            })
+        return out
+
+
+@dataclass
+class _Plan:
+    segment: Segment
+    version: str
+    route: Route | None
+    how: str
+    calib: tuple[float, float] | None
+
+
+class Collection:
+    """One named collection: segments per version, forward-upgraded copies, routes, calibration.
+
+    Args:
+        name: collection name.
+        config: segment construction settings.
+        registry: registered model versions.
+        store: durable store (already holding this collection).
+        snapshot_root: snapshot directory root (None: no snapshots).
+        max_k: largest k a search may ask for.
+        max_batch: largest number of vectors or ids per request.
+        mmap: load snapshot indexes memory-mapped where FAISS allows.
+        keep_snapshots: how many snapshots to keep.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: CollectionConfig,
+        registry: VersionRegistry,
+        store: Store,
+        *,
+        snapshot_root: Path | None = None,
+        max_k: int = 1000,
+        max_batch: int = 100_000,
+        mmap: bool = False,
+        keep_snapshots: int = 2,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.snapshot_root = snapshot_root
+        self.max_k = max_k
+        self.max_batch = max_batch
+        self.mmap = mmap
+        self.keep_snapshots = keep_snapshots
+        self.lock = RWLock()
+        self.segments: dict[str, Segment] = {}
+        self.copies: dict[tuple[str, str], Segment] = {}
+        self._where: dict[int, str] = {}
+        self._meta: dict[int, str | None] = {}
+        self.applied_seq = 0
+        self.snapshot_seq: int | None = None
+        self.load_report: list[str] = []
+        self._dirty: set[tuple[str, ...]] = set()
+
+    # -- segment construction -------------------------------------------------------------------
+    def _new_segment(self, space: str) -> Segment:
+        v = self.registry.get(space)
+        return Segment(
+            v.dim,
+            self.config.factory_for(space),
+            v.metric,
+            train_size=self.config.train_size,
+            search_params=self.config.search_params,
+            device=self.config.device,
+        )
+
+    def _segment(self, version: str) -> Segment:
+        seg = self.segments.get(version)
+        if seg is None:
+            seg = self.segments[version] = self._new_segment(version)
+        return seg
+
+    def _forward(self, source: str, target: str) -> Route:
+        route = self.registry.forward_route(source, target)
+        if route is None:
+            raise NoRouteError(f"no forward route from version {source} to version {target}")
+        return route
+
+    # -- in-memory application (caller holds the write lock) ----------------------------------------
+    def _mem_remove(self, ids: np.ndarray, *, everywhere: bool = False) -> None:
+        """Take ``ids`` out of their segments (all segments with ``everywhere``, used by replay)."""
+        if len(ids) == 0:
+            return
+        groups: dict[str, np.ndarray]
+        if everywhere:
+            groups = {v: ids for v in self.segments}
+        else:
+            by: dict[str, list[int]] = {}
+            for i in ids.tolist():
+                v = self._where.get(i)
+                if v is not None:
+                    by.setdefault(v, []).append(i)
+            groups = {v: np.asarray(lst, dtype=np.int64) for v, lst in by.items()}
+        for v, gids in groups.items():
+            targets: list[tuple[tuple[str, ...], Segment]] = []
+            if v in self.segments:
+                targets.append(((v,), self.segments[v]))
+            targets += [((s, t), c) for (s, t), c in self.copies.items() if s == v]
+            for key, seg in targets:
+                if key in self._dirty:
+                    continue
+                if seg.trained and not seg.supports_remove:
+                    self._dirty.add(key)  # HNSW: rebuilt from the store once the batch is applied
+                else:
+                    seg.remove(gids)
+
+    def _mem_add(self, version: str, ids: np.ndarray, x: np.ndarray) -> None:
+        seg = self._segment(version)
+        if (version,) not in self._dirty:
+            seg.add(ids, x)
+        for (s, t), copy in self.copies.items():
+            if s == version and (s, t) not in self._dirty:
+                copy.add(ids, self._forward(s, t).apply(x))
+
+    def _rebuild_dirty(self) -> None:
+        for key in sorted(self._dirty):
+            self._rebuild(key)
+        self._dirty.clear()
+
+    def _rebuild(self, key: tuple[str, ...]) -> None:
+        """Rebuild a segment (``(version,)``) or a copy (``(source, target)``) from the store's vectors."""
+        source = key[0]
+        fresh = self._new_segment(key[-1])
+        route = self._forward(*key) if len(key) == 2 else None
+        t0 = time.perf_counter()
+        for rows in self.store.iter_rows(self.name, version=source):
+            x = rows.matrix if rows.matrix is not None else np.stack(rows.vectors)  # type: ignore[arg-type]
+            fresh.add(rows.ids, route.apply(x) if route else x)
+        if len(key) == 2:
+            self.copies[(key[0], key[1])] = fresh
+        else:
+            self.segments[source] = fresh
+        _logger.info("%s: rebuilt %s from the store (%d vectors, %.2fs)", self.name, "→".join(key),
+                     fresh.ntotal, time.perf_counter() - t0)
+
+    # -- mutations --------------------------------------------------------------------------------
+    def _prepare(self, version: str, ids: Any, vectors: Any) -> tuple[np.ndarray, np.ndarray]:
+        v = self.registry.get(version)
+        x = as_matrix(vectors, v.dim, what="vectors", version=version, max_rows=self.max_batch)
+        if v.normalized:
+            x = normalize_rows(x, what="vectors")
+        return as_ids(ids, len(x), max_rows=self.max_batch), x
+
+    def add(
+        self,
+        version: str,
+        ids: Any,
+        vectors: Any,
+        metadata: list[dict[str, Any] | None] | None = None,
+        *,
+        upsert: bool = False,
+    ) -> int:
+        """Add items embedded by ``version``; returns the sequence number of the durable write.
+
+        Args:
+            version: model version that produced ``vectors``.
+            ids: (N,) unique non-negative int64 ids.
+            vectors: (N, D) float32 (normalised here when the version is normalised).
+            metadata: per-item JSON object or None.
+            upsert: replace items that already exist (possibly moving them to another segment).
+
+        Raises:
+            DuplicateIdError: an id exists and ``upsert`` is false.
+            InvalidInputError, DimensionMismatchError, VersionNotFoundError, LimitExceededError.
+        """
+        ids_a, x = self._prepare(version, ids, vectors)
+        meta = as_metadata(metadata, len(ids_a))
+        with self.lock.write():
+            if not upsert:
+                present = [i for i in ids_a.tolist() if i in self._where]
+                if present:
+                    raise DuplicateIdError(
+                        f"{len(present)} id(s) already in collection {self.name!r} (e.g. {present[:5]}); "
+                        "use upsert to replace them"
+                    )
+            seq = self.store.upsert_items(self.name, version, ids_a, x, meta or [None] * len(ids_a))
+            self._apply_upsert(version, ids_a, x, meta or [None] * len(ids_a), seq)
+        return seq
+
+    def _apply_upsert(self, version: str, ids: np.ndarray, x: np.ndarray, meta: list[str | None] | None,
+                      seq: int) -> None:
+        self._mem_remove(ids)
+        self._mem_add(version, ids, x)
+        for j, i in enumerate(ids.tolist()):
+            self._where[i] = version
+            if meta is not None:
+                self._meta[i] = meta[j]
+        self._rebuild_dirty()
+        self.applied_seq = seq
+
+    def upgrade(self, version: str, ids: Any, vectors: Any, metadata: list[dict[str, Any] | None] | None = None) -> int:
+        """Replace existing items' vectors by ``version``'s (partial backfill), moving them between segments.
+
+        The move is one store transaction and one locked in-memory update: a search sees each item in
+        its old segment or in its new one, never in both or neither. Metadata is kept unless given.
+
+        Raises:
+            ItemNotFoundError: an id is not in the collection.
+        """
+        ids_a, x = self._prepare(version, ids, vectors)
+        meta = as_metadata(metadata, len(ids_a))
+        with self.lock.write():
+            missing = [i for i in ids_a.tolist() if i not in self._where]
+            if missing:
+                raise ItemNotFoundError(
+                    f"{len(missing)} id(s) not in collection {self.name!r} (e.g. {missing[:5]}); add them instead"
+                )
+            seq = self.store.upsert_items(self.name, version, ids_a, x, meta)
+            self._apply_upsert(version, ids_a, x, meta, seq)
+        return seq
+
+    def delete(self, ids: Any) -> tuple[int, int]:
+        """Delete items (absent ids are ignored); returns (sequence number, number deleted)."""
+        ids_a = as_ids(ids, max_rows=self.max_batch)
+        with self.lock.write():
+            seq, n = self.store.delete_items(self.name, ids_a)
+            self._mem_remove(ids_a)
+            for i in ids_a.tolist():
+                self._where.pop(i, None)
+                self._meta.pop(i, None)
+            self._rebuild_dirty()
+            self.applied_seq = seq
+        return seq, n
+
+    def materialise(self, source: str, target: str) -> dict[str, Any]:
+        """Build (or rebuild) a forward-upgraded copy of segment ``source`` in ``target``'s space.
+
+        Afterwards queries of ``target`` search the copy instead of transforming themselves, and the
+        copy follows every later mutation of ``source`` items.
+
+        Raises:
+            NoRouteError: no chain of forward edges from ``source`` to ``target``.
+        """
+        self.registry.get(source), self.registry.get(target)
+        if source == target:
+            raise InvalidInputError("materialise needs two different versions")
+        route = self._forward(source, target)
+        with self.lock.write():
+            t0 = time.perf_counter()
+            self._rebuild((source, target))
+            seconds = time.perf_counter() - t0
+            pairs = [p for p in self.config.materialised if p != [source, target]] + [[source, target]]
+            self.config.materialised = pairs
+            self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+            n = self.copies[(source, target)].ntotal
+        _logger.info("%s: materialised %s → %s (%d vectors) in %.2fs", self.name, source, target, n, seconds)
+        return {"source": source, "target": target, "vectors": n, "seconds": seconds,
+                "route": ">".join(route.path)}
+
+    def drop_materialised(self, source: str, target: str) -> None:
+        """Forget the forward-upgraded copy ``source → target`` (queries fall back to query routes)."""
+        with self.lock.write():
+            if (source, target) not in self.copies:
+                raise ItemNotFoundError(f"collection {self.name!r} has no materialised copy {source} → {target}")
+            del self.copies[(source, target)]
+            self.config.materialised = [p for p in self.config.materialised if p != [source, target]]
+            self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+
+    # -- search ---------------------------------------------------------------------------------
+    def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True) -> tuple[list[_Plan], list[str]]:
+        plans: list[_Plan] = []
+        skipped: list[str] = []
+        for v in sorted(self.segments):
+            seg = self.segments[v]
+            if seg.ntotal == 0:
+                continue
+            calib = self.config.calibration.get(f"{qv}|{v}") if calibrated else None
+            c = tuple(calib) if calib else None
+            if v == qv:
+                plans.append(_Plan(seg, v, None, "direct", c))
+                continue
+            copy = self.copies.get((v, qv))
+            if copy is not None:
+                plans.append(_Plan(copy, v, None, f"copy:{v}>{qv}", c))  # type: ignore[arg-type]
+                continue
+            via = None
+            for (s, t), cseg in sorted(self.copies.items()):
+                if s == v and (r := self.registry.query_route(qv, t)) is not None:
+                    via = _Plan(cseg, v, r, f"copy:{v}>{t}+query:{'>'.join(r.path)}", c)  # type: ignore[arg-type]
+                    break
+            if via is not None:
+                plans.append(via)
+                continue
+            route = self.registry.query_route(qv, v)
+            if route is not None:
+                plans.append(_Plan(seg, v, route, "query:" + ">".join(route.path), c))  # type: ignore[arg-type]
+            elif allow_partial:
+                skipped.append(v)
+            else:
+                raise NoRouteError(
+                    f"no route from version {qv} to segment {v} of collection {self.name!r} "
+                    "(register a compatibility edge, materialise a forward copy, or pass allow_partial)"
+                )
+        return plans, skipped
+
+    def search(
+        self,
+        version: str,
+        queries: Any,
+        k: int = 10,
+        *,
+        allow_partial: bool = False,
+        include_metadata: bool = True,
+    ) -> SearchResult:
+        """Search every segment reachable from ``version`` and merge the top-k by score.
+
+        Args:
+            version: model version of the queries.
+            queries: (Q, D) float32 queries of that version.
+            k: results per query.
+            allow_partial: skip segments with no route instead of failing.
+            include_metadata: attach each item's metadata.
+
+        Raises:
+            NoRouteError: a non-empty segment has no route from ``version`` and ``allow_partial`` is false.
+        """
+        v = self.registry.get(version)
+        k = check_k(k, self.max_k)
+        q = as_matrix(queries, v.dim, what="queries", version=version, max_rows=self.max_batch)
+        if v.normalized:
+            q = normalize_rows(q, what="queries")
+        with self.lock.read():
+            plans, skipped = self._plan(version, allow_partial)
+            res = self._search_plans(plans, q, k)
+            scores, ids, cols_v = res
+            names = [p.version for p in plans]
+            versions = [[names[c] if i >= 0 else None for i, c in zip(ri, rc)] for ri, rc in zip(ids, cols_v)]
+            meta = None
+            if include_metadata:
+                meta = [[self._decode(self._meta.get(int(i))) if i >= 0 else None for i in row] for row in ids]
+        return SearchResult(ids, scores, versions, meta, {p.version: p.how for p in plans}, skipped)
+
+    @staticmethod
+    def _decode(m: str | None) -> Any:
+        return None if m is None else json.loads(m)
+
+    @staticmethod
+    def _search_plans(plans: list[_Plan], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        nq = len(q)
+        if not plans:
+            return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.int64))
+        cache: dict[int, np.ndarray] = {}
+        ds, is_, cs = [], [], []
+        for n, p in enumerate(plans):
+            if p.route is None:
+                qt = q
+            else:
+                qt = cache.get(id(p.route))
+                if qt is None:
+                    qt = cache[id(p.route)] = p.route.apply(q)
+            kk = min(k, p.segment.ntotal)
+            d, i = p.segment.search(qt, kk)
+            if p.calib is not None:
+                d = np.where(i >= 0, d * p.calib[0] + p.calib[1], -np.inf).astype(np.float32)
+            ds.append(d)
+            is_.append(i)
+            cs.append(np.full(i.shape, n, dtype=np.int64))
+        if len(plans) == 1 and ds[0].shape[1] == k:
+            return ds[0], is_[0], cs[0]
+        d_all, i_all, c_all = np.hstack(ds), np.hstack(is_), np.hstack(cs)
+        order = np.argsort(-d_all, axis=1, kind="stable")[:, :k]
+        d_top = np.take_along_axis(d_all, order, 1)
+        i_top = np.take_along_axis(i_all, order, 1)
+        c_top = np.take_along_axis(c_all, order, 1)
+        if d_top.shape[1] < k:
+            pad = k - d_top.shape[1]
+            d_top = np.pad(d_top, ((0, 0), (0, pad)), constant_values=-np.inf)
+            i_top = np.pad(i_top, ((0, 0), (0, pad)), constant_values=-1)
+            c_top = np.pad(c_top, ((0, 0), (0, pad)), constant_values=0)
+        return d_top.astype(np.float32), i_top, c_top
+
+    # -- calibration ---------------------------------------------------------------------------
+    def set_calibration(self, query_version: str, segment_version: str, scale: float, shift: float) -> None:
+        """Map scores of the route ``query_version → segment_version`` to ``scale * score + shift``."""
+        self.registry.get(query_version), self.registry.get(segment_version)
+        scale, shift = check_float(scale, "scale"), check_float(shift, "shift")
+        if scale <= 0:
+            raise InvalidInputError(f"scale must be positive (a calibration must keep the order), got {scale}")
+        with self.lock.write():
+            self.config.calibration[f"{query_version}|{segment_version}"] = [scale, shift]
+            self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+
+    def clear_calibration(self) -> None:
+        """Remove every score calibration."""
+        with self.lock.write():
+            self.config.calibration = {}
+            self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+
+    def calibrate(self, query_version: str, segment_version: str, queries: Any, k: int = 10) -> tuple[float, float]:
+        """Fit the score map of one cross-version route by moment matching on held-out queries.
+
+        The top-k scores that held-out queries (Q, D) of ``query_version`` get from segment
+        ``segment_version`` through its route are mapped affinely so that their mean and standard
+        deviation equal those of the same queries' top-k scores in their own version's segment. Routes
+        through a transform typically score lower than same-version matches; without this, merging by
+        raw score would under-rank the older segment.
+
+        Returns:
+            (scale, shift), also stored in the collection config.
+
+        Raises:
+            InvalidInputError: the query version's own segment is empty, or the two versions are the same.
+        """
+        if query_version == segment_version:
+            raise InvalidInputError("calibration maps a cross-version route; the versions must differ")
+        v = self.registry.get(query_version)
+        self.registry.get(segment_version)
+        k = check_k(k, self.max_k)
+        q = as_matrix(queries, v.dim, what="queries", version=query_version, max_rows=self.max_batch)
+        if v.normalized:
+            q = normalize_rows(q, what="queries")
+        with self.lock.read():
+            plans, _ = self._plan(query_version, allow_partial=True, calibrated=False)
+            by_v = {p.version: p for p in plans}
+            if query_version not in by_v:
+                raise InvalidInputError(
+                    f"cannot calibrate: segment {query_version} of {self.name!r} is empty (it is the reference)"
+                )
+            if segment_version not in by_v:
+                raise NoRouteError(f"no route from version {query_version} to segment {segment_version}")
+            ref = self._search_plans([by_v[query_version]], q, k)[0]
+            got = self._search_plans([by_v[segment_version]], q, k)[0]
+        ref, got = ref[np.isfinite(ref)], got[np.isfinite(got)]
+        sd_got = float(got.std())
+        scale = float(ref.std()) / sd_got if sd_got > 1e-12 else 1.0
+        scale = scale if scale > 0 else 1.0
+        shift = float(ref.mean()) - scale * float(got.mean())
+        self.set_calibration(query_version, segment_version, scale, shift)
+        return scale, shift
+
+    # -- persistence ------------------------------------------------------------------------------
+    def _segment_info(self, key: tuple[str, ...], seg: Segment) -> dict[str, Any]:
+        info: dict[str, Any] = {"dim": seg.dim, "factory": seg.factory, "metric": seg.metric,
+                                "trained": seg.trained, "ntotal": seg.ntotal}
+        if len(key) == 1:
+            info.update(kind="segment", version=key[0])
+        else:
+            info.update(kind="copy", source=key[0], target=key[1])
+        return info
+
+    def snapshot(self) -> Path:
+        """Write a snapshot of every segment and copy (searches continue meanwhile; writes wait).
+
+        Raises:
+            ConfigError: the service runs without a data directory.
+        """
+        if self.snapshot_root is None:
+            raise ConfigError("snapshots need a data directory (the service runs in memory)")
+        with self.lock.read():
+            parts = [(self._segment_info((v,), s), s.write) for v, s in sorted(self.segments.items())]
+            parts += [(self._segment_info(k, c), c.write) for k, c in sorted(self.copies.items())]
+            seq = self.applied_seq
+            path = snap.write_snapshot(self.snapshot_root, self.name, seq, parts, keep=self.keep_snapshots)
+            self.snapshot_seq = seq
+        kept = snap.list_snapshots(self.snapshot_root, self.name)
+        oldest = int(kept[0].name) if kept else seq
+        self.store.compact(self.name, oldest)
+        return path
+
+    def _report(self, problem: str) -> None:
+        _logger.error("%s: %s", self.name, problem)
+        self.load_report.append(problem)
+
+    def _load_snapshot(self) -> int | None:
+        """Load the newest snapshot that verifies; returns its seq (None: none usable)."""
+        if self.snapshot_root is None:
+            return None
+        for path in reversed(snap.list_snapshots(self.snapshot_root, self.name)):
+            try:
+                loaded = snap.verify_snapshot(path)
+                segments: dict[str, Segment] = {}
+                copies: dict[tuple[str, str], Segment] = {}
+                wanted = {tuple(p) for p in self.config.materialised}
+                for e in loaded.entries:
+                    info = e.info
+                    space = info["version"] if info["kind"] == "segment" else info["target"]
+                    if info["factory"] != self.config.factory_for(space):
+                        continue  # config changed since: rebuilt from the store below
+                    if info["kind"] == "copy" and (info["source"], info["target"]) not in wanted:
+                        continue
+                    seg = Segment.read(
+                        path / e.file, dim=info["dim"], factory=info["factory"], metric=info["metric"],
+                        trained=info["trained"], train_size=self.config.train_size,
+                        search_params=self.config.search_params, device=self.config.device, mmap=self.mmap,
+                    )
+                    if seg.ntotal != info["ntotal"]:
+                        raise ValueError(f"{path / e.file}: holds {seg.ntotal} vectors, manifest says {info['ntotal']}")
+                    if info["kind"] == "segment":
+                        segments[info["version"]] = seg
+                    else:
+                        copies[(info["source"], info["target"])] = seg
+            except Exception as exc:  # any failure means: not this snapshot
+                self._report(f"snapshot {path} is unusable and was quarantined: {exc}")
+                try:
+                    snap.quarantine(path)
+                except OSError as qexc:
+                    self._report(f"could not quarantine {path}: {qexc}")
+                continue
+            self.segments, self.copies = segments, copies
+            self.snapshot_seq = loaded.seq
+            return loaded.seq
+        return None
+
+    def load(self) -> None:
+        """Rebuild the in-memory state: the newest good snapshot, then the store's later rows.
+
+        Without a usable snapshot every segment is rebuilt from the store. A final check compares
+        every segment's size with the store's counts and rebuilds any that disagree, so a stale or
+        inconsistent index is never served.
+        """
+        t0 = time.perf_counter()
+        with self.lock.write():
+            self._where.clear()
+            self._meta.clear()
+            for ids, versions, metas in self.store.locations(self.name):
+                for i, v, m in zip(ids.tolist(), versions, metas):
+                    self._where[i] = v
+                    self._meta[i] = m
+            counts = self.store.count(self.name)
+            snap_seq = self._load_snapshot()
+            replayed = 0
+            if snap_seq is None:
+                self.segments, self.copies = {}, {}
+                for v in sorted(counts):
+                    self._rebuild((v,))
+            else:
+                for rows in self.store.iter_rows(self.name, after_seq=snap_seq, include_deleted=True):
+                    replayed += len(rows.ids)
+                    self._mem_remove(rows.ids, everywhere=True)
+                    live = ~rows.deleted
+                    by_v: dict[str, list[int]] = {}
+                    for j in np.flatnonzero(live).tolist():
+                        by_v.setdefault(rows.versions[j], []).append(j)
+                    for v, js in by_v.items():
+                        self._mem_add(v, rows.ids[js], np.stack([rows.vectors[j] for j in js]))  # type: ignore[misc]
+                self._rebuild_dirty()
+            for s, t in (tuple(p) for p in self.config.materialised):
+                if (s, t) not in self.copies:
+                    self._rebuild((s, t))
+            for v in list(self.segments):
+                if self.segments[v].ntotal != counts.get(v, 0):
+                    self._report(f"segment {v} holds {self.segments[v].ntotal} vectors but the store has "
+                                 f"{counts.get(v, 0)}: rebuilt from the store")
+                    self._rebuild((v,))
+            for (s, t) in list(self.copies):
+                if self.copies[(s, t)].ntotal != counts.get(s, 0):
+                    self._report(f"copy {s}→{t} is out of step with the store: rebuilt")
+                    self._rebuild((s, t))
+            for v in counts:
+                if v not in self.segments:
+                    self._rebuild((v,))
+            self.applied_seq = self.store.last_seq()
+        _logger.info("%s: loaded %d items (snapshot seq %s, %d rows replayed) in %.2fs", self.name,
+                     len(self._where), snap_seq, replayed, time.perf_counter() - t0)
+
+    # -- introspection ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def version_of(self, item_id: int) -> str | None:
+        """The version whose segment holds ``item_id`` (None when absent)."""
+        return self._where.get(int(item_id))
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes, factories, copies, calibration, sequence numbers and load problems (JSON-ready)."""
+        with self.lock.read():
+            return {
+                "name": self.name,
+                "items": len(self._where),
+                "segments": {v: {"ntotal": s.ntotal, "factory": s.factory, "trained": s.trained,
+                                 "dim": s.dim, "metric": s.metric} for v, s in sorted(self.segments.items())},
+                "materialised": [{"source": s, "target": t, "ntotal": c.ntotal}
+                                 for (s, t), c in sorted(self.copies.items())],
+                "calibration": dict(self.config.calibration),
+                "config": self.config.to_dict(),
+                "applied_seq": self.applied_seq,
+                "snapshot_seq": self.snapshot_seq,
+                "load_report": list(self.load_report),
+            }

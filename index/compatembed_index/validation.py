@@ -1,0 +1,149 @@
+"""Checks at the numpy boundary: every array a caller sends is checked here and refused with a typed error.
+
+These checks raise :class:`~compatembed_index.errors.InvalidInputError` (never ``assert``, which
+``python -O`` strips), so the Python API, the CLI and HTTP all refuse the same inputs the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from compatembed_index.errors import DimensionMismatchError, InvalidInputError, LimitExceededError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+MAX_ID = 2**63 - 1
+
+
+def check_name(name: Any, what: str) -> str:
+    """A collection or alias name: ``[A-Za-z0-9._-]``, 1–64 characters, not starting with a dot."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidInputError(f"{what} name must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,63}}, got {name!r}")
+    return name
+
+
+def as_matrix(x: Any, dim: int, *, what: str, version: str, max_rows: int | None = None) -> np.ndarray:
+    """Convert ``x`` to a C-contiguous float32 matrix (N, dim) with finite values.
+
+    Raises:
+        InvalidInputError: not a rectangular numeric 2-D array, empty, NaN/Inf.
+        DimensionMismatchError: the second dimension is not ``dim``.
+        LimitExceededError: more than ``max_rows`` rows.
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInputError(f"{what} must be a rectangular numeric array ({exc})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InvalidInputError(f"{what} must be a rectangular array of numbers, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise InvalidInputError(f"{what} must be a 2-D array (N, D), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise InvalidInputError(f"{what} is empty")
+    if max_rows is not None and arr.shape[0] > max_rows:
+        raise LimitExceededError(f"{what} has {arr.shape[0]} rows, above the limit of {max_rows}")
+    if arr.shape[1] != dim:
+        raise DimensionMismatchError(f"{what} have dim {arr.shape[1]} but version {version!r} has dim {dim}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise InvalidInputError(f"{what} row {bad} contains NaN or Inf (or a value beyond float32 range)")
+    return out
+
+
+def normalize_rows(x: np.ndarray, *, what: str) -> np.ndarray:
+    """L2-normalise rows of ``x`` (N, D) for a normalised version; a zero row has no direction and is refused."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not (norms > 0).all():
+        bad = int(np.flatnonzero(norms[:, 0] <= 0)[0])
+        raise InvalidInputError(f"{what} row {bad} is a zero vector: it has no direction under cosine similarity")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
+
+
+def as_ids(ids: Any, n: int | None = None, *, max_rows: int | None = None) -> np.ndarray:
+    """Convert ``ids`` to a unique (N,) int64 array of ids in [0, 2**63 − 1].
+
+    Raises:
+        InvalidInputError: non-integers, out of range, a count different from ``n``, duplicates.
+        LimitExceededError: more than ``max_rows`` ids.
+    """
+    if isinstance(ids, np.ndarray):
+        arr = ids
+    else:
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
+            raise InvalidInputError(f"ids must be a list of integers, got {type(ids).__name__}")
+        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in ids):
+            raise InvalidInputError("ids must be integers")
+        if any(not 0 <= int(i) <= MAX_ID for i in ids):
+            raise InvalidInputError(f"ids must lie in [0, {MAX_ID}]")
+        arr = np.asarray([int(i) for i in ids], dtype=np.int64)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidInputError(f"ids must be a 1-D array of integers, got shape {arr.shape} dtype {arr.dtype}")
+    if arr.size == 0:
+        raise InvalidInputError("ids is empty")
+    if max_rows is not None and arr.size > max_rows:
+        raise LimitExceededError(f"{arr.size} ids, above the batch limit of {max_rows}")
+    if arr.dtype == np.uint64 and (arr > MAX_ID).any():
+        raise InvalidInputError(f"ids must lie in [0, {MAX_ID}]")
+    arr = arr.astype(np.int64)
+    if (arr < 0).any():
+        raise InvalidInputError(f"ids must lie in [0, {MAX_ID}], got {int(arr[arr < 0][0])}")
+    if n is not None and arr.size != n:
+        raise InvalidInputError(f"{arr.size} ids for {n} vectors")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        dups = uniq[counts > 1][:5].tolist()
+        raise InvalidInputError(f"duplicate ids in the batch: {dups}")
+    return arr
+
+
+def as_metadata(metadata: Any, n: int) -> list[str | None] | None:
+    """Serialise per-item metadata (a list of JSON objects or None) to JSON strings.
+
+    Raises:
+        InvalidInputError: not a list of length ``n``, an entry that is not an object, not JSON-serialisable.
+    """
+    if metadata is None:
+        return None
+    if not isinstance(metadata, (list, tuple)) or len(metadata) != n:
+        raise InvalidInputError(f"metadata must be a list with one entry (object or null) per item ({n})")
+    out: list[str | None] = []
+    for i, m in enumerate(metadata):
+        if m is None:
+            out.append(None)
+            continue
+        if not isinstance(m, dict):
+            raise InvalidInputError(f"metadata[{i}] must be an object or null, got {type(m).__name__}")
+        try:
+            out.append(json.dumps(m, allow_nan=False, sort_keys=True))
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"metadata[{i}] is not JSON-serialisable: {exc}") from None
+    return out
+
+
+def check_k(k: Any, max_k: int) -> int:
+    """``k`` as an int in [1, max_k]."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InvalidInputError(f"k must be an integer, got {k!r}")
+    if k <= 0:
+        raise InvalidInputError(f"k must be at least 1, got {k}")
+    if k > max_k:
+        raise LimitExceededError(f"k={k} is above the limit of {max_k}")
+    return int(k)
+
+
+def check_float(v: Any, what: str) -> float:
+    """A finite float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not math.isfinite(v):
+        raise InvalidInputError(f"{what} must be a finite number, got {v!r}")
+    return float(v)
