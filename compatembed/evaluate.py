@@ -22,7 +22,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from compatembed.cli import run_cli
+from compatembed.cli import CONF_DIR, run_cli
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
 from compatembed.eval import pair_table_markdown, retrieval_metrics
@@ -205,7 +205,7 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
     report = run_cli(lambda: evaluate(cfg))
     print(render_report_md(report))

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from compatembed.cli import run_cli
+from compatembed.cli import CONF_DIR, run_cli
 from compatembed.data import Preprocessing, build_dataset, build_transform
 from compatembed.embeddings import EmbeddingSet, embed_dataset
 from compatembed.models.version import load_model_version
@@ -72,7 +72,7 @@ def extract(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="extract")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="extract")
 def _hydra_main(cfg: DictConfig) -> None:
     out = run_cli(lambda: extract(cfg))
     print(f"embeddings written to {out}")

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from compatembed.cli import run_cli
+from compatembed.cli import CONF_DIR, run_cli
 from compatembed.data import build_dataset, build_transform
 from compatembed.errors import ConfigError
 from compatembed.methods.base import Method, MethodContext
@@ -158,7 +158,7 @@ def train(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     out = run_cli(lambda: train(cfg))
     print(f"model version written to {out}")

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results", help="where the results go")
     parser.add_argument("--smoke", action="store_true", help="2 steps per epoch, results to <runs>/smoke (wiring check)")
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
+    parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for both trainings (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         "cifar10_independent_new", runs=runs, overrides=overrides + [f"method.old_version={old['version_dir']}"],
         reuse=not args.no_reuse,
     )
-    report = evaluate(new["version_dir"], old["version_dir"], runs / "reports" / "cifar10_independent")
+    eval_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths"))]
+    report = evaluate(new["version_dir"], old["version_dir"], runs / "reports" / "cifar10_independent", overrides=eval_overrides)
     payload = {
         "protocol": "shared CIFAR-10 (JPEG copy); old: classes 0-4, new: classes 0-9; query set = gallery set = "
         "the 10-class test split, leave-one-out; cosine after truncation to the smaller dimension",

@@ -16,6 +16,7 @@ same run.
 from __future__ import annotations
 
 import argparse
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     indep_step = indep["manifest"]["training"]["summary"].get("train/step_time_s")
 
     rows = [summarise("independent", indep_report, independent_self, 1.0, indep["wall_s"])]
+    name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
+    failed: dict[str, str] = {}
     for method in args.methods:
         extra = linked + ([f"method.new_reference_version={indep['version_dir']}"] if method == "bt2" else [])
-        run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse)
-        report = evaluate(run["version_dir"], old["version_dir"], reports_dir / (prefix + method), overrides=eval_overrides)
+        try:
+            run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse)
+            report = evaluate(run["version_dir"], old["version_dir"], reports_dir / (prefix + method), overrides=eval_overrides)
+        except subprocess.CalledProcessError as exc:  # report the others; say which failed
+            failed[method] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
+            print(f"[failed] {method}: {failed[method]}", flush=True)
+            continue
         step = run["manifest"]["training"]["summary"].get("train/step_time_s")
         ratio = None if not (step and indep_step) else step / indep_step
         rows.append(summarise(method, report, independent_self, ratio, run["wall_s"]))
+        _write(args, name, old, rows, failed, argv)  # after every method: a cut-short run keeps what it measured
+    _write(args, name, old, rows, failed, argv)
+    return 1 if failed else 0
 
-    name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
+
+def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[dict[str, Any]], failed: dict[str, str], argv: list[str] | None) -> None:
     payload = {
         "scenario": args.scenario,
         "protocol": (
@@ -97,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "old_version": old["manifest"]["version_id"],
         "methods": rows,
+        "failed": failed,
     }
     write_json(args.out / f"{name}.json", payload)
     md = render(payload)
     (args.out / f"{name}.md").write_text(md)
-    print(md)
-    return 0
+    print(md, flush=True)
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -124,6 +136,8 @@ def render(payload: dict[str, Any]) -> str:
             f"{' / '.join(pct(no[m]) for m in METRICS)} | {'yes' if r['compatible']['top1'] else 'no'} | "
             f"{'yes' if r['compatible']['mAP'] else 'no'} | {gain} | {delta} | {ratio} | {r['route']} |"
         )
+    for method, reason in payload.get("failed", {}).items():
+        lines.append(f"| {method} | failed: {reason} |" + " |" * 8)
     m = payload["machine"]
     lines += [
         "",

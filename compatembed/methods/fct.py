@@ -1,0 +1,377 @@
+"""FCT (Ramanujan et al., CVPR 2022, "Forward Compatible Training"): upgrade the old gallery, not the query.
+
+The new model is trained independently in the run (cross-entropy, like ``Independent``) or adopted from
+``new_version``; afterwards an MLP ``h`` is fitted on cached training features to map an old embedding
+into the new space: ``L = MSE(φ_new(x), h(φ_old(x), ψ(x)))`` (or ``1 − cos``). The index service then
+upgrades a stored old gallery without the images by applying ``h`` to each stored vector (the
+``forward`` edge of the new version's manifest), and new queries search the upgraded gallery.
+
+Side information ψ(x): features of another frozen model version (``side_info_version``), concatenated
+to the old embedding at the input of ``h``. The forward edge's input is then ``concat(old, ψ)``
+(d_old + d_side dims, listed in the edge's ``info.input``): a gallery can only be upgraded where the
+ψ vectors of its items are stored next to the old ones. The index service's forward routes feed old
+vectors alone, so they refuse such an edge (a ``ManifestError`` on the dimension mismatch, also in
+``compatembed-eval``); upgrading with side information is up to a caller that holds both vectors.
+
+BatchNorm: in eval mode it is a fixed affine layer, so the exported arrays fold it into the linear layer
+before it (``w0, b0, w1, b1, ...``). ``batchnorm_mode: batch`` trains with batch statistics (the paper's
+MLP); ``fixed`` trains the MLP in eval mode as the public code does, where BatchNorm uses its initial
+running statistics (mean 0, variance 1) and only its affine parameters learn.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from compatembed.errors import ConfigError
+from compatembed.methods.base import MethodContext
+from compatembed.methods.maps import PostHocMapMethod, shuffled_batches, first_last_means, mean_cosine
+from compatembed.models.version import CompatibilityEdge, LoadedVersion, load_model_version
+
+_logger = logging.getLogger(__name__)
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+"""Activations the index service can apply (``relu``, exact-erf ``gelu``)."""
+BATCHNORM_MODES = ("batch", "fixed")
+LOSSES = ("mse", "cosine")
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor, bn: nn.BatchNorm1d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold an eval-mode BatchNorm that follows ``x ↦ weight @ x + bias`` into one affine layer.
+
+    ``BN(z) = γ (z − μ) / sqrt(σ² + ε) + β`` with the running μ, σ², so with ``s = γ / sqrt(σ² + ε)``:
+    ``weight' = diag(s) · weight`` and ``bias' = s · (bias − μ) + β``.
+
+    Args:
+        weight: (out, in) linear weight.
+        bias: (out,) linear bias.
+        bn: the BatchNorm1d(out) after it (its running statistics are used).
+
+    Returns:
+        ``(weight', bias')`` of the same shapes.
+    """
+    if bn.running_mean is None or bn.running_var is None:
+        raise ConfigError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale
+    if bn.affine:
+        scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+    return weight * scale[:, None], bias * scale + shift
+
+
+class ForwardMLP(nn.Module):
+    """``h``: Linear → [BatchNorm] → activation, repeated, then a final Linear (no norm, no activation).
+
+    Args:
+        in_dim: input size (d_old, plus d_side with side information).
+        out_dim: output size (d_new).
+        hidden_dims: widths of the hidden layers; ``()`` is a linear (affine) forward map.
+        activation: ``relu`` or ``gelu``.
+        batch_norm: put a BatchNorm1d after every hidden linear layer.
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dims: Sequence[int] = (512,), *, activation: str = "relu", batch_norm: bool = True
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown fct activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        dims = [int(in_dim), *(int(h) for h in hidden_dims), int(out_dim)]
+        if min(dims) < 1:
+            raise ConfigError(f"fct layer widths must be positive, got {dims}")
+        self.activation = activation
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.norms = nn.ModuleList(
+            nn.BatchNorm1d(b) if batch_norm else nn.Identity() for b in dims[1:-1]
+        )
+        self.act = ACTIVATIONS[activation]()
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.linears[0].in_features)
+
+    @property
+    def out_dim(self) -> int:
+        return int(self.linears[-1].out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, in_dim) → (N, out_dim), not normalised."""
+        for linear, norm in zip(self.linears[:-1], self.norms):
+            x = self.act(norm(linear(x)))
+        return self.linears[-1](x)
+
+    @torch.no_grad()
+    def exported(self) -> dict[str, np.ndarray]:
+        """The eval-mode map as arrays ``w0, b0, w1, b1, ...`` (``w_i`` (out, in)), BatchNorm folded in."""
+        arrays: dict[str, np.ndarray] = {}
+        for i, linear in enumerate(self.linears):
+            w, b = linear.weight.detach().double(), linear.bias.detach().double()
+            if i < len(self.norms) and isinstance(self.norms[i], nn.BatchNorm1d):
+                w, b = fold_batchnorm(w, b, _bn64(self.norms[i]))
+            arrays[f"w{i}"] = w.cpu().numpy().astype(np.float32)
+            arrays[f"b{i}"] = b.cpu().numpy().astype(np.float32)
+        return arrays
+
+
+def _bn64(bn: nn.BatchNorm1d) -> nn.BatchNorm1d:
+    """A float64 copy of ``bn`` (folding in double precision keeps the exported arrays exact to float32)."""
+    copy = nn.BatchNorm1d(bn.num_features, eps=bn.eps, affine=bn.affine, dtype=torch.float64).to(bn.running_mean.device)
+    copy.load_state_dict({k: v.double() if v.is_floating_point() else v for k, v in bn.state_dict().items()})
+    return copy.eval()
+
+
+def forward_loss(mapped: torch.Tensor, target: torch.Tensor, loss: str = "mse") -> torch.Tensor:
+    """``mse``: mean over elements of (h − φ_new)² (FCT's loss); ``cosine``: mean 1 − cos(h, φ_new)."""
+    if loss == "mse":
+        return F.mse_loss(mapped, target)
+    if loss == "cosine":
+        return (1 - F.cosine_similarity(mapped, target, dim=1)).mean()
+    raise ConfigError(f"unknown fct loss {loss!r}; known: {', '.join(LOSSES)}")
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(mlp: ForwardMLP, source: torch.Tensor, *, chunk: int = 65536) -> None:
+    """Set each BatchNorm's running statistics to the exact statistics of its input over ``source``.
+
+    The running averages of training trail the weights of the last steps; after recalibration the
+    eval-mode map (the one exported) normalises with the statistics of the fitted network on the
+    whole training set. Layers are calibrated in order, each with the already-calibrated ones before it.
+
+    Args:
+        mlp: the fitted MLP (left in eval mode).
+        source: (N, in_dim) the fit's inputs.
+    """
+    mlp.eval()
+    n = source.shape[0]
+    for layer, norm in enumerate(mlp.norms):
+        if not isinstance(norm, nn.BatchNorm1d):
+            continue
+        total = torch.zeros(norm.num_features, dtype=torch.float64, device=source.device)
+        squares = torch.zeros_like(total)
+        for start in range(0, n, chunk):
+            h = source[start : start + chunk]
+            for i in range(layer):
+                h = mlp.act(mlp.norms[i](mlp.linears[i](h)))
+            z = mlp.linears[layer](h).double()
+            total += z.sum(0)
+            squares += z.square().sum(0)
+        mean = total / n
+        var = (squares / n - mean.square()).clamp(min=0) * (n / max(1, n - 1))  # unbiased, as BatchNorm keeps it
+        norm.running_mean.copy_(mean)
+        norm.running_var.copy_(var)
+
+
+@dataclass
+class ForwardFit:
+    """A fitted forward map and what the fit measured.
+
+    Attributes:
+        mlp: the fitted :class:`ForwardMLP`, in eval mode.
+        history: per-step values of the weighted loss term ``transfer``.
+        facts: JSON-ready summary.
+    """
+
+    mlp: ForwardMLP
+    history: dict[str, list[float]] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def fit_forward_map(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    hidden_dims: Sequence[int] = (512,),
+    activation: str = "relu",
+    batch_norm: bool = True,
+    batchnorm_mode: str = "batch",
+    loss: str = "mse",
+    loss_weight: float = 1.0,
+    steps: int = 3000,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> ForwardFit:
+    """Fit ``h`` with ``target ≈ h(source)`` on paired training features (Adam, cosine-annealed lr).
+
+    Args:
+        source: (N, d_in) old-model features (concatenated with side information when used).
+        target: (N, d_new) new-model features of the same items.
+        hidden_dims / activation / batch_norm: the MLP (see :class:`ForwardMLP`).
+        batchnorm_mode: ``batch`` (batch statistics while fitting) or ``fixed`` (fit in eval mode, as the
+            public code does).
+        loss: ``mse`` or ``cosine``.
+        loss_weight: weight of the loss term (one term; kept for a uniform config).
+        steps / batch_size / lr / weight_decay: the optimiser.
+        seed: seeds the initialisation and the batch order.
+        device: where the fit runs.
+
+    Returns:
+        A :class:`ForwardFit` whose MLP is in eval mode.
+    """
+    if batchnorm_mode not in BATCHNORM_MODES:
+        raise ConfigError(f"unknown fct batchnorm_mode {batchnorm_mode!r}; known: {', '.join(BATCHNORM_MODES)}")
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown fct loss {loss!r}; known: {', '.join(LOSSES)}")
+    if source.ndim != 2 or target.ndim != 2 or source.shape[0] != target.shape[0] or source.shape[0] < 2:
+        raise ConfigError(f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}")
+    device = torch.device(device)
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mlp = ForwardMLP(source.shape[1], target.shape[1], hidden_dims, activation=activation, batch_norm=batch_norm)
+    mlp.to(device)
+    source, target = source.to(device).float(), target.to(device).float()
+    history: dict[str, list[float]] = {"transfer": []}
+    if steps > 0:
+        optimizer = torch.optim.Adam(mlp.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        generator = torch.Generator().manual_seed(seed)
+        mlp.train(batchnorm_mode == "batch")
+        for index in shuffled_batches(source.shape[0], batch_size, steps, generator):
+            index = index.to(device)
+            term = loss_weight * forward_loss(mlp(source[index]), target[index], loss)
+            optimizer.zero_grad(set_to_none=True)
+            term.backward()
+            optimizer.step()
+            scheduler.step()
+            history["transfer"].append(float(term.detach()))
+    mlp.eval().requires_grad_(False)
+    if batchnorm_mode == "batch" and steps > 0:
+        recalibrate_batchnorm(mlp, source)
+    facts: dict[str, Any] = {
+        "layers": [mlp.in_dim, *(int(h) for h in hidden_dims), mlp.out_dim],
+        "activation": activation,
+        "batch_norm": batch_norm,
+        "batchnorm_mode": batchnorm_mode,
+        "loss": loss,
+        "steps": int(steps),
+        "train_alignment": {"raw": mean_cosine(source, target), "fitted": mean_cosine(source, target, mlp)},
+        "fit_seconds": round(time.perf_counter() - started, 3),
+    }
+    if history["transfer"]:
+        first, last = first_last_means(history, max(1, min(50, len(history["transfer"]) // 10)))
+        facts["loss_first"], facts["loss_last"] = first, last
+    else:
+        history = {}
+    _logger.info("forward map %s: train cos %.4f", facts["layers"], facts["train_alignment"]["fitted"])
+    return ForwardFit(mlp=mlp, history=history, facts=facts)
+
+
+class FCT(PostHocMapMethod):
+    """An independently trained (or adopted) new model plus a forward map old → new for gallery upgrades.
+
+    Args:
+        model: the new embedding model.
+        num_classes: size of the label space.
+        old_version: the deployed old model version directory (required).
+        new_version: adopt this trained new version instead of training one in the run (then
+            ``trainer.epochs=0``).
+        side_info_version: a frozen model version whose features ψ(x) are concatenated to the old ones.
+        label_smoothing: label smoothing of the new model's cross-entropy (in-run training).
+        hidden_dims: hidden widths of h (``[]``: a linear forward map).
+        activation: ``relu`` | ``gelu``.
+        batch_norm: BatchNorm after each hidden layer.
+        batchnorm_mode: ``batch`` (paper) | ``fixed`` (public code: h is trained in eval mode).
+        loss: ``mse`` (FCT) | ``cosine``.
+        loss_weight: weight of the transfer loss.
+        fit_steps / fit_batch_size / fit_lr / fit_weight_decay: the optimiser of h.
+        seed: seeds h's initialisation and batch order.
+    """
+
+    name = "fct"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        *,
+        old_version: str | None = None,
+        new_version: str | None = None,
+        side_info_version: str | None = None,
+        label_smoothing: float = 0.1,
+        hidden_dims: Sequence[int] = (512,),
+        activation: str = "relu",
+        batch_norm: bool = True,
+        batchnorm_mode: str = "batch",
+        loss: str = "mse",
+        loss_weight: float = 1.0,
+        fit_steps: int = 3000,
+        fit_batch_size: int = 256,
+        fit_lr: float = 1e-3,
+        fit_weight_decay: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing)
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown fct activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if batchnorm_mode not in BATCHNORM_MODES:
+            raise ConfigError(f"unknown fct batchnorm_mode {batchnorm_mode!r}; known: {', '.join(BATCHNORM_MODES)}")
+        if loss not in LOSSES:
+            raise ConfigError(f"unknown fct loss {loss!r}; known: {', '.join(LOSSES)}")
+        self.side_info_version = side_info_version
+        self.side: LoadedVersion | None = None
+        self.fit_options: dict[str, Any] = dict(
+            hidden_dims=tuple(int(h) for h in hidden_dims),
+            activation=activation,
+            batch_norm=bool(batch_norm),
+            batchnorm_mode=batchnorm_mode,
+            loss=loss,
+            loss_weight=float(loss_weight),
+            steps=int(fit_steps),
+            batch_size=int(fit_batch_size),
+            lr=float(fit_lr),
+            weight_decay=float(fit_weight_decay),
+            seed=int(seed),
+        )
+        self.fit_result: ForwardFit | None = None
+
+    def setup(self, ctx: MethodContext) -> None:
+        super().setup(ctx)
+        if self.side_info_version is not None:
+            self.side = load_model_version(self.side_info_version)
+            self.add_frozen("side_model", self.side.model)
+
+    def map_inputs(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, d_old [+ d_side]) inputs of h and (N, d_new) targets on the training items."""
+        x_new, x_old = self.train_features(ctx)
+        if self.side is not None:
+            x_old = torch.cat([x_old, ctx.features(self.side_model, name="side")], dim=1)
+        return x_old, x_new
+
+    def finalize(self, ctx: MethodContext) -> dict[str, Any]:
+        """Fit h on the cached training features; returns the facts for the manifest."""
+        source, target = self.map_inputs(ctx)
+        self.fit_result = fit_forward_map(source, target, device=ctx.device, **self.fit_options)
+        facts = {**self.fit_result.facts, **self.source_facts()}
+        if self.side is not None:
+            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version), "dim": self.side.embed_dim}
+        return {"fct": facts}
+
+    def compatibility_edges(self) -> list[CompatibilityEdge]:
+        """One ``forward`` edge from the old version: h's arrays (BatchNorm folded), output normalised."""
+        if self.fit_result is None or self.old is None:
+            raise RuntimeError("FCT.compatibility_edges() before finalize(): the forward map is not fitted")
+        info: dict[str, Any] = {"method": "fct", "layers": self.fit_result.facts["layers"]}
+        if self.side is not None:
+            info["input"] = [self.old.version_id, self.side.version_id]
+            info["note"] = "input is concat(old vector, side-information vector); the gallery needs both"
+        return [
+            CompatibilityEdge(
+                "forward",
+                self.old.version_id,
+                arrays=self.fit_result.mlp.exported(),
+                activation=self.fit_result.mlp.activation,
+                normalize_output=True,
+                info=info,
+            )
+        ]

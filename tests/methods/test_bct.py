@@ -1,0 +1,308 @@
+"""BCT: the frozen old classifier, its synthesised rows, the loss weights, export and a real-data run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from compatembed.data import ClassSubset, ImageFolderTar, SyntheticImages, build_transform
+from compatembed.errors import ConfigError
+from compatembed.methods.base import MethodContext
+from compatembed.methods.bct import BCT
+from compatembed.models import EmbeddingModel, create_backbone
+from compatembed.models.version import load_manifest, load_model_version, module_sha256
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+DATA_ROOT = Path(os.environ.get("COMPATEMBED_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared" / "data"))
+D_OLD = 16
+COMMON = ["data=synthetic", "trainer=smoke", "logger=none", "paths.cache_dir=null"]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name="train", overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def train_version(out: Path, overrides: list[str], *, model: str = "cifar_resnet20") -> Path:
+    """Train (or import, with 0 epochs) a version on the synthetic data; its id is the folder name."""
+    from compatembed.train import train
+
+    return train(compose(COMMON + [f"model={model}", f"version_id={out.name}", f"output_dir={out}"] + overrides))
+
+
+@pytest.fixture(scope="module")
+def old_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An old version trained here (independent, synthetic classes 0-4, 16-d): no classifier stored."""
+    return train_version(tmp_path_factory.mktemp("bct") / "old", ["data.classes=0-4", f"model.embed_dim={D_OLD}"])
+
+
+@pytest.fixture(scope="module")
+def imported_old(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An imported old model (0 epochs, no projection: its backbone's 64 -> 10 classifier reads the
+    embedding) whose manifest says it saw classes 0-4 only."""
+    return train_version(
+        tmp_path_factory.mktemp("bct") / "imported", ["data.classes=0-4", "model.embed_dim=null", "trainer.epochs=0"]
+    )
+
+
+def new_model(embed_dim: int, seed: int = 0) -> EmbeddingModel:
+    torch.manual_seed(seed)
+    return EmbeddingModel(create_backbone("cifar_resnet", depth=8), embed_dim=embed_dim)
+
+
+def synthetic_ctx(model: EmbeddingModel, classes: str | None = None) -> MethodContext:
+    def view(pre, train: bool = False) -> Dataset:
+        ds = SyntheticImages(num_classes=10, per_class=6, split="train", transform=build_transform(pre, train=train, augment="none"))
+        return ds if classes is None else ClassSubset(ds, classes)
+
+    train_set = view(model.preprocessing)
+    return MethodContext(
+        train_set=train_set, eval_view=view, num_classes=10, train_classes=sorted(set(train_set.targets.tolist())),
+        device=torch.device("cpu"), batch_size=32,
+    )
+
+
+def batch(ctx: MethodContext, n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    idx = torch.linspace(0, len(ctx.train_set) - 1, n).long()
+    images = torch.stack([ctx.train_set[int(i)][0] for i in idx])
+    labels = torch.as_tensor([int(ctx.train_set[int(i)][1]) for i in idx])
+    return images, labels, idx
+
+
+def class_means_by_hand(version_dir: Path, ctx: MethodContext) -> np.ndarray:
+    """Oracle: embed with the freshly loaded old model, normalise and average per class in numpy."""
+    loaded = load_model_version(version_dir)
+    data = ctx.eval_view(loaded.model.preprocessing)
+    items = [data[i] for i in range(len(data))]
+    with torch.no_grad():
+        feats = loaded.model(torch.stack([image for image, _ in items])).double().numpy()
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    labels = np.array([label for _, label in items])
+    return np.stack([feats[labels == c].mean(0) if (labels == c).any() else np.zeros(feats.shape[1]) for c in range(10)])
+
+
+def test_old_classifier_gets_no_gradient_and_stays_unchanged(old_version: Path) -> None:
+    model = new_model(D_OLD)
+    ctx = synthetic_ctx(model)
+    method = BCT(model, 10, old_version=str(old_version))
+    method.setup(ctx)
+    head = method.old_classifier
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    old_hash = module_sha256(method.old_model)
+    trainable = {id(p) for p in method.trainable_parameters()}
+    assert not any(id(p) in trainable for p in head.parameters())
+    assert not any(id(p) in trainable for p in method.old_model.parameters())
+    model_before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
+    method.train()
+    for _ in range(3):
+        terms, _ = method.training_forward(*batch(ctx))
+        optimizer.zero_grad()
+        torch.stack(list(terms.values())).sum().backward()
+        assert all(p.grad is None and not p.requires_grad for p in head.parameters())
+        optimizer.step()
+    assert not head.training and not method.old_model.training
+    for key, value in head.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert module_sha256(method.old_model) == old_hash
+    assert any(not torch.equal(a, b) for a, b in zip(model_before, model.parameters())), "the new model did not train"
+
+
+def test_old_version_trained_here_uses_class_means_for_all_classes(old_version: Path) -> None:
+    model = new_model(D_OLD)
+    ctx = synthetic_ctx(model)
+    method = BCT(model, 10, old_version=str(old_version))
+    method.setup(ctx)
+    np.testing.assert_allclose(method.old_classifier.weight.numpy(), class_means_by_hand(old_version, ctx), atol=1e-5)
+    assert method.old_classifier.bias is None
+    facts = method.finalize(ctx)["bct"]
+    assert facts["old_classifier"] == "prototypes" and "trained by this project" in facts["old_classifier_reason"]
+    assert facts["synthesised_classes"] == list(range(10))
+    with pytest.raises(ConfigError, match="no classifier"):
+        BCT(new_model(D_OLD), 10, old_version=str(old_version), old_classifier="real").setup(ctx)
+
+
+def test_real_rows_kept_and_unseen_classes_synthesised(imported_old: Path) -> None:
+    model = new_model(64)
+    ctx = synthetic_ctx(model)
+    method = BCT(model, 10, old_version=str(imported_old))
+    method.setup(ctx)
+    real = method.old_model.backbone.classifier
+    weight, bias = method.old_classifier.weight.detach().numpy(), method.old_classifier.bias.detach().numpy()
+    np.testing.assert_array_equal(weight[:5], real.weight.detach().numpy()[:5])
+    np.testing.assert_array_equal(bias[:5], real.bias.detach().numpy()[:5])
+    np.testing.assert_allclose(weight[5:], class_means_by_hand(imported_old, ctx)[5:], atol=1e-5)
+    np.testing.assert_array_equal(bias[5:], 0.0)
+    facts = method.finalize(ctx)["bct"]
+    assert facts["old_classifier"] == "real"
+    assert facts["real_classifier_classes"] == [0, 1, 2, 3, 4] and facts["synthesised_classes"] == [5, 6, 7, 8, 9]
+    assert [e.kind for e in method.compatibility_edges()] == ["identity"]
+
+
+def test_prototypes_variant_is_cosine_to_p_with_weight_10(imported_old: Path) -> None:
+    model = new_model(64)
+    ctx = synthetic_ctx(model)
+    method = BCT(model, 10, old_version=str(imported_old), variant="prototypes")
+    method.setup(ctx)
+    assert method.influence_weight == 10.0
+    protos = class_means_by_hand(imported_old, ctx)
+    np.testing.assert_allclose(method.old_classifier.weight.numpy(), protos, atol=1e-5)
+    images, labels, idx = batch(ctx)
+    with torch.no_grad():
+        feats = model(images).double().numpy()
+        terms, _ = method.training_forward(images, labels, idx)
+    logits = feats / np.linalg.norm(feats, axis=1, keepdims=True) @ protos.T
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = -10.0 * log_p[np.arange(len(labels)), labels.numpy()].mean()
+    assert float(terms["influence"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "changed"),
+    [
+        ("ce_weight", 2.5, "ce"),
+        ("influence_weight", 2.5, "influence"),
+        ("label_smoothing", 0.3, "ce"),
+        ("influence_scale", 4.0, "influence"),
+    ],
+)
+def test_each_setting_changes_the_loss(imported_old: Path, key: str, value: float, changed: str) -> None:
+    variant = "prototypes" if key == "influence_scale" else "paper"
+    ctx = synthetic_ctx(new_model(64))
+    data = batch(ctx)
+    results = []
+    for kwargs in ({}, {key: value}):
+        method = BCT(new_model(64), 10, old_version=str(imported_old), variant=variant, **kwargs)
+        method.setup(ctx)
+        with torch.no_grad():
+            terms, _ = method.training_forward(*data)
+        results.append({k: float(v) for k, v in terms.items()})
+    base, other = results
+    assert other[changed] != pytest.approx(base[changed], rel=1e-4)
+    if key.endswith("_weight"):  # the paper's weights are 1: the weighted term scales with the weight
+        assert other[changed] == pytest.approx(base[changed] * value, rel=1e-5)
+    assert abs(sum(other.values()) - sum(base.values())) > 1e-6  # the total the trainer minimises moves too
+
+
+def test_config_errors(old_version: Path) -> None:
+    with pytest.raises(ConfigError, match="variant"):
+        BCT(new_model(D_OLD), 10, old_version=str(old_version), variant="code")
+    with pytest.raises(ConfigError, match="old_classifier"):
+        BCT(new_model(D_OLD), 10, old_version=str(old_version), old_classifier="mean")
+    with pytest.raises(ConfigError, match="compatible_dims"):
+        BCT(new_model(D_OLD), 10, old_version=str(old_version), compatible_dims="suffix")
+    with pytest.raises(ConfigError, match="variant=prototypes"):
+        BCT(new_model(D_OLD), 10, old_version=str(old_version), variant="prototypes", old_classifier="real")
+    with pytest.raises(ConfigError, match="old_version"):
+        BCT(new_model(D_OLD), 10).setup(synthetic_ctx(new_model(D_OLD)))
+    with pytest.raises(ConfigError, match=rf"model.embed_dim={D_OLD} or method.compatible_dims=prefix"):
+        model = new_model(D_OLD + 8)
+        BCT(model, 10, old_version=str(old_version)).setup(synthetic_ctx(model))
+    with pytest.raises(ConfigError, match=rf"model.embed_dim={D_OLD}"):
+        model = new_model(D_OLD - 8)
+        BCT(model, 10, old_version=str(old_version), compatible_dims="prefix").setup(synthetic_ctx(model))
+
+
+def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path) -> None:
+    """End to end: a 24-d new model whose first 16 dims face the old space; the old model is untouched."""
+    from compatembed.evaluate import evaluate
+
+    out = train_version(
+        tmp_path / "bct",
+        ["method=bct", f"method.old_version={old_version}", "method.compatible_dims=prefix", f"model.embed_dim={D_OLD + 8}"],
+    )
+    manifest = load_manifest(out)
+    assert manifest["embedding"]["dim"] == D_OLD + 8
+    assert manifest["compatibility"] == [{"kind": "prefix", "target": "old", "dim": D_OLD}]
+    assert manifest["parent"] == "old"
+    assert manifest["training"]["bct"]["old_classifier"] == "prototypes"
+    assert manifest["training"]["frozen_model_sha256"]["old_model"] == module_sha256(load_model_version(old_version).model)
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(
+            config_name="eval",
+            overrides=["data=synthetic", f"query={out}", f"gallery={old_version}", f"out={tmp_path / 'report'}", "progress=false"],
+        )
+    GlobalHydra.instance().clear()
+    report = evaluate(cfg)
+    cross = [p for p in report["pairs"] if (p["query"], p["gallery"]) == ("new", "old")][0]
+    assert "prefix" in cross["route"]
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["query_version"] == "bct"
+
+
+class _Items(Dataset):
+    """The first ``per_class`` items of every class of a labelled dataset (labels and ids kept)."""
+
+    def __init__(self, base: ImageFolderTar, per_class: int) -> None:
+        targets = np.asarray(base.targets)
+        self.base = base
+        self.index = np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in range(len(base.classes))])
+        self.targets = targets[self.index]
+        self.ids = np.asarray(base.ids)[self.index]
+        self.classes = base.classes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.index[i])]
+
+
+def test_short_real_run_lowers_each_loss_term(tmp_path: Path) -> None:
+    """The third-party ResNet-20 as the old model (its REAL classifier), 160 CIFAR-10 images, 20 steps."""
+    tar = DATA_ROOT / "cifar10-jpeg" / "test.tar"
+    weights = DATA_ROOT / "cifar10-resnet" / "resnet20-12fca82f.th"
+    if not (tar.is_file() and weights.is_file()):
+        pytest.skip(f"shared CIFAR-10 data or ResNet-20 weights not found under {DATA_ROOT} (set COMPATEMBED_DATA_ROOT)")
+    old = train_version(
+        tmp_path / "external_old",
+        [f"paths.data_root={DATA_ROOT}", "trainer.epochs=0"],
+        model="cifar_resnet20_shared",
+    )
+    model = new_model(64)
+
+    def view(pre) -> Dataset:
+        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), 16)
+
+    train_set = view(model.preprocessing)
+    ctx = MethodContext(
+        train_set=train_set, eval_view=view, num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"), batch_size=80
+    )
+    method = BCT(model, 10, old_version=str(old))
+    method.setup(ctx)
+    assert method.finalize(ctx)["bct"]["old_classifier"] == "real"
+    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=3e-3)
+    from compatembed.train import IndexedDataset
+
+    loader = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    history: list[dict[str, float]] = []
+    method.train()
+    while len(history) < 20:
+        for images, labels, indices in loader:
+            terms, _ = method.training_forward(images, labels, indices)
+            optimizer.zero_grad()
+            torch.stack(list(terms.values())).sum().backward()
+            optimizer.step()
+            history.append({k: float(v.detach()) for k, v in terms.items()})
+    for term in ("ce", "influence"):
+        first, last = np.mean([h[term] for h in history[:5]]), np.mean([h[term] for h in history[-5:]])
+        assert last < first, f"{term}: {first:.3f} -> {last:.3f}"

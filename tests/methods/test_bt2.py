@@ -1,0 +1,462 @@
+"""BT²: the basis transformation's invariants, the frozen teachers, the export, and short real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from compatembed.data import Preprocessing, build_dataset, build_transform
+from compatembed.data.tar import ImageFolderTar
+from compatembed.errors import ConfigError
+from compatembed.methods.base import MethodContext
+from compatembed.methods.bt2 import ORTHOGONAL_MAPS, BT2, BT2Embedder, orthogonality_error
+from compatembed.models import EmbeddingModel, create_backbone
+from compatembed.models.version import load_model_version, module_sha256, save_model_version
+
+REPO = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO / "conf"
+D_OLD, D_NEW, K = 16, 24, 8  # the synthetic scenario: d_old != d_new, student f of 40 dims
+TINY = ["data=synthetic", "model=cifar_resnet20", "trainer.progress=false", "logger=none", "trainer.checkpoint=false"]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two threads oversubscribe (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyBackbone(nn.Module):
+    """A linear "backbone" on flattened 3x4x4 images: exact and instant."""
+
+    def __init__(self, num_features: int = 12) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.preprocessing = Preprocessing(input_size=(3, 4, 4), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        self.fc = nn.Linear(48, num_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def tiny_embedder(d_old: int, d_new: int, k: int, *, scale: float = 2.0, orthogonal_map: str = "matrix_exp") -> BT2Embedder:
+    student = EmbeddingModel(TinyBackbone(), embed_dim=d_old + d_new)
+    return BT2Embedder(student, d_old, d_new, k, scale, orthogonal_map)
+
+
+def compose_train(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("train", overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def bt2_overrides(versions: dict[str, Path], *extra: str) -> list[str]:
+    return TINY + [
+        f"model.embed_dim={D_OLD + D_NEW}",
+        "method=bt2",
+        f"method.old_version={versions['old']}",
+        f"method.new_reference_version={versions['new_ref']}",
+        f"method.k={K}",
+        f"paths.cache_dir={versions['cache']}",
+        *extra,
+    ]
+
+
+def context(cfg: DictConfig, model: nn.Module) -> MethodContext:
+    """The context ``train`` would give the method (same datasets, CPU)."""
+    train_set = build_dataset(cfg.data, "train", transform=build_transform(model.preprocessing, train=True, augment="none"))
+    return MethodContext(
+        train_set=train_set,
+        eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
+        num_classes=int(cfg.data.num_classes),
+        train_classes=list(range(int(cfg.data.num_classes))),
+        device=torch.device("cpu"),
+        batch_size=64,
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        cache_dir=Path(cfg.paths.cache_dir),
+    )
+
+
+def build_method(versions: dict[str, Path], *extra: str, seed: int = 0) -> tuple[BT2, MethodContext, DictConfig]:
+    """A BT² method on the synthetic versions, set up (teacher features cached on disk after the first call)."""
+    cfg = compose_train(bt2_overrides(versions, *extra))
+    torch.manual_seed(seed)
+    model = instantiate(cfg.model)
+    method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
+    ctx = context(cfg, model)
+    method.setup(ctx)
+    return method, ctx, cfg
+
+
+def first_batch(ctx: MethodContext, size: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fixed mixed-class batch: (images, labels, positions in the training set)."""
+    positions = torch.linspace(0, len(ctx.train_set) - 1, size).long()
+    items = [ctx.train_set[int(i)] for i in positions]
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items]), positions
+
+
+# -- the embedder: composition, orthogonality, prefix ----------------------------------------------
+@pytest.mark.parametrize("d_old, d_new, k", [(8, 8, 4), (4, 8, 2), (8, 4, 6)])
+def test_phi_is_u_then_v_recomputed_by_hand(d_old, d_new, k):
+    torch.manual_seed(0)
+    emb = tiny_embedder(d_old, d_new, k, scale=2.0)
+    x = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        parts = emb.parts(x)
+        f = emb.model(x)
+        a = F.normalize(F.relu(f) @ emb.old_head.weight.T + emb.old_head.bias, dim=1)
+        b = F.normalize(f[:, :d_new], dim=1)
+        z = torch.cat([F.normalize(a[:, :k], dim=1), (2.0 * b) @ emb.basis_p.weight.T], dim=1)
+        u = z[:, :d_old] @ emb.basis_o.weight.T
+        v = z[:, d_old:]
+        phi = emb(x)
+    torch.testing.assert_close(parts.a, a)
+    torch.testing.assert_close(parts.b, b)
+    torch.testing.assert_close(parts.u, u)
+    torch.testing.assert_close(parts.v, v)
+    torch.testing.assert_close(phi, torch.cat([u, v], dim=1))
+    assert phi.shape == (5, k + d_new) == (5, emb.embed_dim)
+    assert u.shape == (5, d_old) and v.shape == (5, k + d_new - d_old)
+    # orthonormal bases: |phi| = |z| = sqrt(1 + C^2) for every input
+    torch.testing.assert_close(phi.norm(dim=1), torch.full((5,), math.sqrt(5.0)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb.embed(x), phi / math.sqrt(5.0), atol=1e-6, rtol=0)
+
+
+def test_old_gallery_prefix_is_u():
+    torch.manual_seed(1)
+    emb = tiny_embedder(D_OLD, D_NEW, K)
+    x = torch.randn(7, 3, 4, 4)
+    with torch.no_grad():
+        deployed = emb.embed(x)
+        u = emb.parts(x).u
+    torch.testing.assert_close(F.normalize(deployed[:, :D_OLD], dim=1), F.normalize(u, dim=1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("orthogonal_map", ORTHOGONAL_MAPS)
+def test_bases_stay_orthogonal_through_optimizer_steps(orthogonal_map):
+    torch.manual_seed(2)
+    emb = tiny_embedder(6, 10, 4, orthogonal_map=orthogonal_map)
+    start = {name: layer.weight.detach().clone() for name, layer in (("p", emb.basis_p), ("o", emb.basis_o))}
+    opt = torch.optim.Adam(emb.parameters(), lr=0.05)
+    x, target = torch.randn(32, 3, 4, 4), torch.randn(32, 14)
+    for _ in range(30):
+        loss = (emb(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for name, layer in (("p", emb.basis_p), ("o", emb.basis_o)):
+        assert (layer.weight.detach() - start[name]).abs().max() > 1e-2  # the basis did move
+        eye = torch.eye(layer.weight.shape[0])
+        assert torch.linalg.matrix_norm(layer.weight.T @ layer.weight - eye) < 1e-5
+        assert orthogonality_error(layer) < 1e-5
+    assert set(emb.orthogonality_errors()) == {"basis_p", "basis_o"}
+
+
+def test_student_embed_dim_must_be_d_new_plus_d_old():
+    student = EmbeddingModel(TinyBackbone(), embed_dim=30)
+    with pytest.raises(ConfigError, match=r"model\.embed_dim=30") as info:
+        BT2Embedder(student, D_OLD, D_NEW, K)
+    assert "40" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "d_old, d_new, k, scale, orthogonal_map, message",
+    [
+        (8, 8, 0, 2.0, "matrix_exp", "1 <= k <= d_old"),
+        (8, 8, 9, 2.0, "matrix_exp", "1 <= k <= d_old"),
+        (12, 4, 6, 2.0, "matrix_exp", "d_old <= k \\+ d_new"),
+        (8, 8, 4, 0.0, "matrix_exp", "scale > 0"),
+        (8, 8, 4, 2.0, "qr", "unknown orthogonal_map='qr'"),
+    ],
+)
+def test_inconsistent_sizes_are_config_errors(d_old, d_new, k, scale, orthogonal_map, message):
+    student = EmbeddingModel(TinyBackbone(), embed_dim=d_old + d_new)
+    with pytest.raises(ConfigError, match=message):
+        BT2Embedder(student, d_old, d_new, k, scale, orthogonal_map)
+
+
+# -- the method on synthetic model versions ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict[str, Path]:
+    """Old model (classes 0-4, 16-d) and an independent new model (0-9, 24-d), a few steps each."""
+    from compatembed.train import train
+
+    root = tmp_path_factory.mktemp("bt2_runs")
+    out: dict[str, Path] = {"cache": root / "cache"}
+    for name, extra in (
+        ("old", ["data.classes=0-4", f"model.embed_dim={D_OLD}"]),
+        ("new_ref", [f"model.embed_dim={D_NEW}", f"method.old_version={root / 'old'}"]),
+    ):
+        cfg = compose_train(
+            TINY + extra + ["trainer.epochs=1", "trainer.max_steps_per_epoch=3", f"version_id={name}",
+                            f"output_dir={root / name}", f"paths.cache_dir={out['cache']}"]
+        )
+        out[name] = train(cfg)
+    return out
+
+
+def test_missing_versions_and_negative_weights_are_config_errors(versions):
+    student = EmbeddingModel(TinyBackbone(), embed_dim=D_OLD + D_NEW)
+    with pytest.raises(ConfigError, match="method.old_version"):
+        BT2(student, 10, new_reference_version=str(versions["new_ref"]))
+    with pytest.raises(ConfigError, match="method.new_reference_version"):
+        BT2(student, 10, old_version=str(versions["old"]))
+    with pytest.raises(ConfigError, match="method.influence_weight must be >= 0"):
+        BT2(student, 10, old_version=str(versions["old"]), new_reference_version=str(versions["new_ref"]), influence_weight=-1)
+    # sizes read from the manifests: 16 + 24 = 40, so a 30-d student is refused by name
+    with pytest.raises(ConfigError, match=r"model\.embed_dim=30"):
+        BT2(EmbeddingModel(TinyBackbone(), embed_dim=30), 10, old_version=str(versions["old"]),
+            new_reference_version=str(versions["new_ref"]))
+
+
+def test_declared_sizes_are_checked_against_the_loaded_versions(versions):
+    cfg = compose_train(bt2_overrides(versions, "method.d_old=20", "method.d_new=20"))
+    model = instantiate(cfg.model)
+    method = instantiate(cfg.method, model=model, num_classes=10)
+    with pytest.raises(ConfigError, match="method.d_old=20 but the old version"):
+        method.setup(context(cfg, model))
+
+
+def test_teachers_stay_frozen_unchanged_and_without_gradients(versions):
+    method, ctx, _ = build_method(versions)
+    teachers = method.frozen_modules()
+    assert set(teachers) == {"old_model", "new_reference_model"}
+    before = method.frozen_hashes()
+    assert before["old_model"] == module_sha256(load_model_version(versions["old"]).model)
+    teacher_params = {id(p) for t in teachers.values() for p in t.parameters()}
+    trainable = method.trainable_parameters()
+    assert teacher_params and not teacher_params & {id(p) for p in trainable}
+    student_before = method.model.projection.weight.detach().clone()
+
+    opt = torch.optim.Adam(trainable, lr=1e-2)
+    images, labels, indices = first_batch(ctx)
+    method.train()
+    for _ in range(3):
+        terms, _ = method.training_forward(images, labels, indices)
+        loss = torch.stack(list(terms.values())).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    assert method.frozen_hashes() == before
+    assert (method.model.projection.weight - student_before).abs().max() > 1e-6  # the student did train
+    for teacher in teachers.values():
+        assert not teacher.training
+        assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize(
+    "key, term",
+    [("ce_weight", "ce"), ("influence_weight", "influence"), ("old_alignment_weight", "old_align"),
+     ("new_alignment_weight", "new_align")],
+)
+def test_each_weight_scales_its_own_term(versions, key, term):
+    base, ctx, cfg = build_method(versions)
+    changed, _, _ = build_method(versions, f"method.{key}={3 * float(cfg.method[key])}")
+    batch = first_batch(ctx)
+    with torch.no_grad():
+        base_terms, _ = base.training_forward(*batch)
+        new_terms, _ = changed.training_forward(*batch)
+    assert base_terms[term] > 0
+    for name in base_terms:
+        expected = 3 * base_terms[name] if name == term else base_terms[name]
+        torch.testing.assert_close(new_terms[name], expected)
+    assert sum(new_terms.values()) != sum(base_terms.values())
+
+
+def test_label_smoothing_changes_the_classification_term(versions):
+    base, ctx, _ = build_method(versions)
+    smoothed, _, _ = build_method(versions, "method.label_smoothing=0.3")
+    batch = first_batch(ctx)
+    with torch.no_grad():
+        a, _ = base.training_forward(*batch)
+        b, _ = smoothed.training_forward(*batch)
+    assert not torch.isclose(a["ce"], b["ce"])
+    torch.testing.assert_close(a["influence"], b["influence"])
+
+
+@pytest.mark.parametrize("orthogonal_map", ORTHOGONAL_MAPS)
+def test_export_and_load_give_identical_embeddings(versions, orthogonal_map, tmp_path):
+    method, ctx, cfg = build_method(versions, f"method.orthogonal_map={orthogonal_map}")
+    opt = torch.optim.Adam(method.trainable_parameters(), lr=1e-2)
+    batch = first_batch(ctx)
+    for _ in range(2):  # move the bases away from their initial value
+        loss = torch.stack(list(method.training_forward(*batch)[0].values())).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    deployed = method.deployed_model().eval()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    out = save_model_version(
+        tmp_path / "v", version_id="bt2", model=deployed, model_config=method.deployed_config(model_cfg),
+        embed_dim=deployed.embed_dim, normalized=True, preprocessing=deployed.preprocessing.to_dict(),
+        training={}, parent=method.parent_version_id, edges=method.compatibility_edges(),
+    )
+    loaded = load_model_version(out)
+    assert isinstance(loaded.model, BT2Embedder) and loaded.embed_dim == K + D_NEW
+    assert loaded.model.orthogonal_map == orthogonal_map
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.embed(batch[0]), deployed.embed(batch[0]), atol=0, rtol=0)
+    assert loaded.manifest["compatibility"] == [{"kind": "prefix", "target": "old", "dim": D_OLD}]
+
+
+def test_training_exports_a_bt2_version_that_eval_routes_by_prefix(versions, tmp_path, monkeypatch):
+    from compatembed.evaluate import evaluate, load_or_extract, route_pair
+    from compatembed.train import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(bt2_overrides(versions, "trainer.epochs=1", "trainer.max_steps_per_epoch=3",
+                                      "version_id=bt2", f"output_dir={tmp_path / 'bt2'}"))
+    out = train(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["_target_"] == "compatembed.methods.bt2.BT2Embedder"
+    assert manifest["embedding"]["dim"] == K + D_NEW and manifest["parent"] == "old"
+    assert manifest["compatibility"] == [{"kind": "prefix", "target": "old", "dim": D_OLD}]
+    training = manifest["training"]
+    assert set(training["frozen_model_sha256"]) == {"old_model", "new_reference_model"}
+    assert training["bt2"]["new_reference_version"] == "new_ref"
+    assert max(training["bt2"]["orthogonality_error"].values()) < 1e-5
+    assert {"train/ce_epoch", "train/influence_epoch", "train/old_align_epoch", "train/new_align_epoch"} <= set(training["summary"])
+
+    eval_cfg = _compose_eval([f"query={out}", f"gallery={versions['old']}", f"out={tmp_path / 'rep'}"])
+    report = evaluate(eval_cfg)
+    pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
+    assert pairs[("new", "old")]["route"] == "query: prefix"
+    assert 0.0 < pairs[("new", "old")]["mAP"] <= 1.0
+
+    # the routed query vectors are û of the loaded module
+    new = load_or_extract(out, eval_cfg.data, "test", device="cpu", progress=False)
+    old = load_or_extract(versions["old"], eval_cfg.data, "test", device="cpu", progress=False)
+    routed, _, _ = route_pair(new, old)
+    loaded = load_model_version(out).model
+    test_set = build_dataset(eval_cfg.data, "test", transform=build_transform(loaded.preprocessing, train=False))
+    images = torch.stack([test_set[i][0] for i in range(8)])
+    with torch.no_grad():
+        u_hat = F.normalize(loaded.parts(images).u, dim=1).numpy()
+    np.testing.assert_allclose(routed[:8], u_hat, atol=1e-5)
+
+
+def _compose_eval(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose("eval", ["data=synthetic", "progress=false", "device=cpu", *overrides])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_bt2", "cifar10_external_bt2", "cifar100_bt2_paper", "imagenet_bt2_paper"])
+def test_experiments_compose_with_consistent_sizes(experiment):
+    cfg = compose_train([f"experiment={experiment}"])
+    method = cfg.method
+    assert method._target_ == "compatembed.methods.bt2.BT2"
+    assert cfg.model.embed_dim == method.d_old + method.d_new
+    assert "independent_new" in method.new_reference_version and "independent" not in cfg.version_id
+    if experiment.startswith("cifar10_"):  # cheap to build: the method's own size checks pass
+        student = instantiate(cfg.model)
+        bt2 = instantiate(method, model=student, num_classes=int(cfg.data.num_classes))
+        assert bt2.deployed_model().embed_dim == method.k + method.d_new
+
+
+# -- a short run on real data ------------------------------------------------------------------------
+def _shared_data() -> Path:
+    root = Path(os.environ.get("COMPATEMBED_DATA_ROOT", REPO / ".." / "shared" / "data"))
+    needed = [root / "cifar10-jpeg" / "test.tar", root / "cifar10-resnet" / "resnet20-12fca82f.th",
+              root / "cifar10-resnet" / "resnet32-d509ac18.th"]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.skip(f"shared CIFAR-10 data not found: {missing[0]} (set COMPATEMBED_DATA_ROOT)")
+    return root
+
+
+class _Items(Dataset):
+    """Some items of a labelled dataset, keeping ``targets`` and ``ids`` (what methods read)."""
+
+    def __init__(self, base: ImageFolderTar, positions: np.ndarray) -> None:
+        self.base, self.positions = base, positions
+        self.targets = np.asarray(base.targets)[positions]
+        self.ids = np.asarray(base.ids)[positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.base[int(self.positions[index])]
+
+
+def _teacher_version(path: Path, version_id: str, depth: int, weights: Path) -> Path:
+    """A third-party CIFAR ResNet (64-d pooled feature) written as a model version."""
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=depth, num_classes=10, weights=str(weights)))
+    config = {
+        "_target_": "compatembed.models.EmbeddingModel",
+        "backbone": {"_target_": "compatembed.models.create_backbone", "name": "cifar_resnet", "depth": depth,
+                     "num_classes": 10, "weights": None},
+        "embed_dim": None,
+        "normalize": True,
+    }
+    return save_model_version(path, version_id=version_id, model=model, model_config=config, embed_dim=64,
+                              normalized=True, preprocessing=model.preprocessing.to_dict(), training={})
+
+
+def test_a_short_run_on_real_data_lowers_every_loss_term(tmp_path):
+    """Old = third-party ResNet-20 (64-d), new reference = third-party ResNet-32 (64-d), student = a fresh ResNet-8."""
+    root = _shared_data()
+    old = _teacher_version(tmp_path / "old", "old", 20, root / "cifar10-resnet" / "resnet20-12fca82f.th")
+    new_ref = _teacher_version(tmp_path / "new_ref", "new_ref", 32, root / "cifar10-resnet" / "resnet32-d509ac18.th")
+    torch.manual_seed(0)
+    student = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=128)
+    method = BT2(student, 10, old_version=str(old), new_reference_version=str(new_ref), k=16)
+
+    tar = root / "cifar10-jpeg" / "test.tar"
+    base = ImageFolderTar(tar, transform=build_transform(student.preprocessing, train=False))
+    positions = np.concatenate([np.flatnonzero(np.asarray(base.targets) == c)[:20] for c in range(10)])
+    train_set = _Items(base, positions)
+
+    def eval_view(pre: Preprocessing) -> Dataset:
+        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), positions)
+
+    ctx = MethodContext(train_set=train_set, eval_view=eval_view, num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"), batch_size=100)
+    method.setup(ctx)
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    labels = torch.as_tensor(train_set.targets)
+    opt = torch.optim.Adam(method.trainable_parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    history: list[dict[str, float]] = []
+    method.train()
+    for _ in range(5):  # epochs of 5 batches of 40
+        for idx in torch.randperm(len(train_set), generator=gen).split(40):
+            terms, _ = method.training_forward(images[idx], labels[idx], idx)
+            loss = torch.stack(list(terms.values())).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            history.append({k: float(v.detach()) for k, v in terms.items()})  # weighted by positive constants
+    for term in ("ce", "influence", "old_align", "new_align"):
+        first = np.mean([h[term] for h in history[:5]])
+        last = np.mean([h[term] for h in history[-5:]])
+        assert last < first, f"{term}: {first:.4f} -> {last:.4f}"

@@ -1,0 +1,337 @@
+"""FCT: the forward map old → new, BatchNorm folding, the exported forward edge, and short real runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from sklearn.linear_model import LinearRegression
+from torch import nn
+from torch.utils.data import Dataset
+
+from compatembed.data import Preprocessing, build_transform
+from compatembed.data.tar import ImageFolderTar
+from compatembed.errors import ConfigError
+from compatembed.methods.base import MethodContext
+from compatembed.methods.fct import FCT, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
+from compatembed.models import EmbeddingModel, create_backbone
+from compatembed.models.version import load_model_version, module_sha256, save_model_version
+
+REPO = Path(__file__).resolve().parents[2]
+CONF_DIR = REPO / "conf"
+TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared, busy 2-core machine two threads oversubscribe (10x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def paired_features(n: int = 200, d_old: int = 5, d_new: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (n, d_old) "old" and (n, d_new) "new" features with a nonlinear relation."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(n, d_old, generator=g), dim=1)
+    y = F.normalize(torch.tanh(x @ torch.randn(d_old, d_new, generator=g) * 2) + 0.1 * torch.randn(n, d_new, generator=g), dim=1)
+    return x, y
+
+
+def with_random_running_stats(mlp: ForwardMLP, seed: int = 0) -> ForwardMLP:
+    """Give every BatchNorm non-trivial running statistics and affine parameters (folding must use them)."""
+    g = torch.Generator().manual_seed(seed)
+    for norm in mlp.norms:
+        if isinstance(norm, nn.BatchNorm1d):
+            n = norm.num_features
+            norm.running_mean.copy_(torch.randn(n, generator=g))
+            norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            with torch.no_grad():
+                norm.weight.copy_(torch.randn(n, generator=g))
+                norm.bias.copy_(torch.randn(n, generator=g))
+    return mlp.eval()
+
+
+def numpy_forward(arrays: dict[str, np.ndarray], x: np.ndarray, activation: str) -> np.ndarray:
+    """The exported MLP applied by hand: w_i (out, in), activation between layers, L2-normalised output."""
+    import math
+
+    erf = np.vectorize(math.erf)
+    n_layers = len(arrays) // 2
+    h = x.astype(np.float64)
+    for i in range(n_layers):
+        h = h @ arrays[f"w{i}"].T.astype(np.float64) + arrays[f"b{i}"]
+        if i < n_layers - 1:
+            h = np.maximum(h, 0) if activation == "relu" else 0.5 * h * (1 + erf(h / np.sqrt(2)))
+    return h / np.linalg.norm(h, axis=1, keepdims=True)
+
+
+def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(name, overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+# -- BatchNorm folding and the export -----------------------------------------------------------------
+def test_fold_batchnorm_equals_linear_then_eval_batchnorm():
+    g = torch.Generator().manual_seed(1)
+    linear = nn.Linear(4, 3)
+    bn = nn.BatchNorm1d(3, eps=1e-3)
+    bn.running_mean.copy_(torch.randn(3, generator=g))
+    bn.running_var.copy_(torch.rand(3, generator=g) + 0.1)
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(3, generator=g))
+        bn.bias.copy_(torch.randn(3, generator=g))
+    bn.eval()
+    x = torch.randn(10, 4, generator=g)
+    w, b = fold_batchnorm(linear.weight.detach(), linear.bias.detach(), bn)
+    torch.testing.assert_close(x @ w.T + b, bn(linear(x)).detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("hidden, activation, batch_norm", [((), "relu", True), ((8,), "relu", True), ((8, 7), "gelu", True),
+                                                            ((8,), "relu", False)])
+def test_exported_mlp_with_folded_batchnorm_equals_the_eval_module(hidden, activation, batch_norm):
+    from compatembed_index.registry import Edge
+
+    torch.manual_seed(0)
+    mlp = with_random_running_stats(ForwardMLP(5, 6, hidden, activation=activation, batch_norm=batch_norm))
+    arrays = mlp.exported()
+    assert sorted(arrays) == sorted([f"w{i}" for i in range(len(hidden) + 1)] + [f"b{i}" for i in range(len(hidden) + 1)])
+    assert arrays["w0"].shape == (hidden[0] if hidden else 6, 5)
+    x = F.normalize(torch.randn(50, 5), dim=1)
+    expected = F.normalize(mlp(x), dim=1).detach().numpy()
+    np.testing.assert_allclose(numpy_forward(arrays, x.numpy(), activation), expected, atol=1e-5)
+    layers = tuple((arrays[f"w{i}"], arrays[f"b{i}"]) for i in range(len(hidden) + 1))
+    edge = Edge("forward", "new", "old", layers=layers, activation=activation, normalize_output=True)  # the index service
+    np.testing.assert_allclose(edge.apply(x.numpy()), expected, atol=1e-5)
+
+
+# -- the fit ----------------------------------------------------------------------------------------
+def test_loss_functions_match_their_definitions():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(7, 4, generator=g), torch.randn(7, 4, generator=g)
+    assert float(forward_loss(a, b, "mse")) == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-6)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert float(forward_loss(a, b, "cosine")) == pytest.approx(float((1 - cos).mean()), rel=1e-6)
+    with pytest.raises(ConfigError, match="loss"):
+        forward_loss(a, b, "l1")
+
+
+def test_linear_forward_map_converges_to_least_squares():
+    x, y = paired_features()
+    oracle = LinearRegression().fit(x.double().numpy(), y.double().numpy())
+    fit = fit_forward_map(x, y, hidden_dims=(), steps=600, batch_size=len(x), lr=3e-2)
+    arrays = fit.mlp.exported()
+    np.testing.assert_allclose(arrays["w0"], oracle.coef_, atol=1e-3)
+    np.testing.assert_allclose(arrays["b0"], oracle.intercept_, atol=1e-3)
+
+
+def test_loss_weight_scales_the_term():
+    x, y = paired_features(n=64)
+    one = fit_forward_map(x, y, hidden_dims=(8,), steps=1, batch_size=64)
+    two = fit_forward_map(x, y, hidden_dims=(8,), steps=1, batch_size=64, loss_weight=2.0)
+    assert two.history["transfer"][0] == pytest.approx(2 * one.history["transfer"][0], rel=1e-6)
+
+
+def test_batch_mode_recalibrates_running_statistics_exactly():
+    x, y = paired_features()
+    fit = fit_forward_map(x, y, hidden_dims=(8,), steps=20, batch_size=32, lr=1e-2)
+    mlp = fit.mlp
+    z = mlp.linears[0](x).detach().double()
+    torch.testing.assert_close(mlp.norms[0].running_mean.double(), z.mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mlp.norms[0].running_var.double(), z.var(0, unbiased=True), atol=1e-5, rtol=1e-5)
+    # so the eval-mode (exported) map is the network normalised with full-batch statistics of the training set
+    full_batch = copy.deepcopy(mlp).train()
+    torch.testing.assert_close(mlp(x), full_batch(x).detach(), atol=1e-2, rtol=1e-2)  # differ by var·n/(n−1) only
+
+
+def test_fixed_mode_fits_in_eval_mode_like_the_public_code():
+    x, y = paired_features()
+    fit = fit_forward_map(x, y, hidden_dims=(8,), batchnorm_mode="fixed", steps=50, batch_size=32, lr=1e-2)
+    norm = fit.mlp.norms[0]
+    torch.testing.assert_close(norm.running_mean, torch.zeros(8))
+    torch.testing.assert_close(norm.running_var, torch.ones(8))
+    assert not torch.allclose(norm.weight, torch.ones(8))  # its affine part learned
+    assert fit.history["transfer"][-1] < fit.history["transfer"][0]
+
+
+def test_unknown_options_are_config_errors():
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=8)
+    for kwargs, word in (({"activation": "tanh"}, "activation"), ({"batchnorm_mode": "sync"}, "batchnorm_mode"),
+                         ({"loss": "l1"}, "loss")):
+        with pytest.raises(ConfigError, match=word):
+            FCT(model, 10, old_version="x", **kwargs)
+    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="old_version"):
+        FCT(model, 10).setup(ctx)
+
+
+# -- the method in the pipeline (synthetic versions) ---------------------------------------------------
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> dict[str, Path]:
+    """An old version (synthetic classes 0-4) and an independent new one (all classes), a few steps each."""
+    from compatembed.train import train
+
+    root = tmp_path_factory.mktemp("fct_versions")
+    cache = root / "cache"
+    old = train(compose_cfg("train", TINY + ["data.classes=0-4", "version_id=old", f"output_dir={root / 'old'}",
+                                             f"paths.cache_dir={cache}"]))
+    new = train(compose_cfg("train", TINY + ["version_id=indep", f"output_dir={root / 'indep'}", f"method.old_version={old}",
+                                             f"paths.cache_dir={cache}"]))
+    return {"old": old, "new": new, "cache": cache}
+
+
+def fct_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
+    return compose_cfg("train", TINY + [
+        "method=fct", f"method.old_version={versions['old']}", "version_id=fct", f"output_dir={out}",
+        f"paths.cache_dir={versions['cache']}", "method.fit_steps=40", "method.fit_batch_size=32", "method.hidden_dims=[16]",
+        *extra,
+    ])
+
+
+def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions, tmp_path):
+    from compatembed.evaluate import evaluate, load_or_extract
+    from compatembed.eval import retrieval_metrics
+    from compatembed.train import train
+
+    out = train(fct_cfg(versions, tmp_path / "fct"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (edge,) = manifest["compatibility"]
+    assert edge["kind"] == "forward" and edge["source"] == "old" and edge["activation"] == "relu"
+    arrays = load_model_version(out).edge_arrays(edge)
+    d_old = json.loads((versions["old"] / "manifest.json").read_text())["embedding"]["dim"]
+    d_new = manifest["embedding"]["dim"]
+    assert arrays["w0"].shape == (16, d_old) and arrays["w1"].shape == (d_new, 16) and sorted(arrays) == ["b0", "b1", "w0", "w1"]
+    facts = manifest["training"]["fct"]
+    assert facts["layers"] == [d_old, 16, d_new] and facts["new_model"] == "trained in this run"
+    assert manifest["training"]["frozen_model_sha256"] == {"old_model": module_sha256(load_model_version(versions["old"]).model)}
+
+    report = evaluate(compose_cfg("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
+                                           f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
+    cross = next(r for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
+    assert cross["route"] == "gallery: forward"
+    data = compose_cfg("eval", ["data=synthetic", "query=-", "gallery=-"]).data
+    new, old = load_or_extract(out, data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
+    upgraded = numpy_forward(arrays, old.embeddings, "relu")
+    by_hand = retrieval_metrics(new.embeddings, new.labels, upgraded, old.labels, query_ids=new.ids, gallery_ids=old.ids,
+                                leave_one_out=True, topk=(1, 5))
+    assert cross["top1"] == pytest.approx(by_hand["top1"]) and cross["mAP"] == pytest.approx(by_hand["mAP"], abs=1e-6)
+
+
+def test_adopted_new_model_with_side_information(versions, tmp_path):
+    """ψ = features of another frozen version; h's input is concat(old, ψ) and the edge says so."""
+    from compatembed.train import train
+
+    out = train(fct_cfg(versions, tmp_path / "side", f"method.new_version={versions['new']}", "trainer.epochs=0",
+                        f"method.side_info_version={versions['new']}"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    (edge,) = manifest["compatibility"]
+    d_old = json.loads((versions["old"] / "manifest.json").read_text())["embedding"]["dim"]
+    d_side = json.loads((versions["new"] / "manifest.json").read_text())["embedding"]["dim"]
+    assert load_model_version(out).edge_arrays(edge)["w0"].shape == (16, d_old + d_side)
+    assert edge["info"]["input"] == ["old", "indep"]
+    facts = manifest["training"]["fct"]
+    assert facts["side_info"]["version_id"] == "indep" and facts["new_model"] == "adopted"
+    assert set(manifest["training"]["frozen_model_sha256"]) == {"old_model", "new_model", "side_model"}
+
+
+@pytest.mark.parametrize("experiment", ["cifar10_fct", "cifar10_external_fct", "cifar100_fct_paper", "imagenet_fct_paper"])
+def test_experiments_compose_and_instantiate(experiment):
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    assert cfg.method._target_ == "compatembed.methods.fct.FCT"
+    assert cfg.method.old_version.startswith("runs/")
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))
+    assert isinstance(instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes)), FCT)
+
+
+# -- a short run on real data ------------------------------------------------------------------------
+def _shared_data() -> Path:
+    root = Path(os.environ.get("COMPATEMBED_DATA_ROOT", REPO / ".." / "shared" / "data"))
+    for needed in (root / "cifar10-jpeg" / "test.tar", root / "cifar10-resnet" / "resnet20-12fca82f.th"):
+        if not needed.is_file():
+            pytest.skip(f"shared CIFAR-10 data not found: {needed} (set COMPATEMBED_DATA_ROOT)")
+    return root
+
+
+class _Items(Dataset):
+    """Some items of a labelled dataset, keeping ``targets`` and ``ids`` (what methods read)."""
+
+    def __init__(self, base: ImageFolderTar, positions: np.ndarray) -> None:
+        self.base, self.positions = base, positions
+        self.targets = np.asarray(base.targets)[positions]
+        self.ids = np.asarray(base.ids)[positions]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.base[int(self.positions[index])]
+
+
+def _external_old_version(path: Path, weights: Path) -> Path:
+    """The third-party CIFAR-10 ResNet-20 (64-d pooled feature) written as the deployed old version."""
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=20, num_classes=10, weights=str(weights)))
+    config = {"_target_": "compatembed.models.EmbeddingModel", "embed_dim": None, "normalize": True,
+              "backbone": {"_target_": "compatembed.models.create_backbone", "name": "cifar_resnet", "depth": 20,
+                           "num_classes": 10, "weights": None}}
+    return save_model_version(path, version_id="old", model=model, model_config=config, embed_dim=64, normalized=True,
+                              preprocessing=model.preprocessing.to_dict(), training={})
+
+
+def test_a_short_run_on_real_data_lowers_every_loss_term(tmp_path):
+    """New = a fresh ResNet-8 (32-d) trained for a few steps on 200 CIFAR-10 images, old = the third-party
+    ResNet-20 (64-d); then h is fitted on their features."""
+    root = _shared_data()
+    old = _external_old_version(tmp_path / "old", root / "cifar10-resnet" / "resnet20-12fca82f.th")
+    torch.manual_seed(0)
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=32)
+    method = FCT(model, 10, old_version=str(old), hidden_dims=[64], fit_steps=150, fit_batch_size=50, fit_lr=3e-3)
+    tar = root / "cifar10-jpeg" / "test.tar"
+    base = ImageFolderTar(tar, transform=build_transform(model.preprocessing, train=False))
+    positions = np.concatenate([np.flatnonzero(np.asarray(base.targets) == c)[:20] for c in range(10)])
+    train_set = _Items(base, positions)
+
+    def eval_view(pre: Preprocessing) -> Dataset:
+        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), positions)
+
+    ctx = MethodContext(train_set=train_set, eval_view=eval_view, num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"), batch_size=100)
+    method.setup(ctx)
+    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
+    labels = torch.as_tensor(train_set.targets)
+    opt = torch.optim.Adam(method.trainable_parameters(), lr=5e-3)
+    gen = torch.Generator().manual_seed(0)
+    ce: list[float] = []
+    method.train()
+    for _ in range(5):  # epochs of 5 batches of 40
+        for idx in torch.randperm(len(train_set), generator=gen).split(40):
+            terms, _ = method.training_forward(images[idx], labels[idx], idx)
+            opt.zero_grad()
+            torch.stack(list(terms.values())).sum().backward()
+            opt.step()
+            ce.append(float(terms["ce"].detach()))
+    assert np.mean(ce[-5:]) < np.mean(ce[:5])
+
+    facts = method.finalize(ctx)["fct"]
+    transfer = method.fit_result.history["transfer"]
+    assert np.mean(transfer[-10:]) < np.mean(transfer[:10])
+    assert facts["train_alignment"]["fitted"] > facts["train_alignment"]["raw"]
+    (edge,) = method.compatibility_edges()
+    assert edge.kind == "forward" and edge.arrays["w0"].shape == (64, 64) and edge.arrays["w1"].shape == (32, 64)

@@ -1,0 +1,54 @@
+"""Every config composes; every experiment names real classes; typos in keys fail."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import get_class, get_object, instantiate
+from omegaconf import OmegaConf
+
+from compatembed.methods import METHODS
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_names_real_targets(experiment, compose):
+    cfg = compose("train", [f"experiment={experiment}"])
+    OmegaConf.resolve(cfg)
+    assert cfg.version_id == experiment or cfg.version_id.startswith(experiment.split("_")[0])
+    method_cls = get_class(cfg.method._target_)
+    assert method_cls.name in METHODS and METHODS[method_cls.name] is method_cls
+    for node in (cfg.model, cfg.model.backbone, cfg.logger, cfg.trainer, cfg.optim.optimizer):
+        assert callable(get_object(node._target_))
+    trainer = instantiate(cfg.trainer)
+    assert trainer.epochs >= 0
+    if experiment.startswith("cifar10_") and not experiment.endswith("_old"):
+        assert cfg.method.old_version is not None, "a CIFAR-10 new model must name its old version"
+
+
+@pytest.mark.parametrize("group", ["data", "model", "method", "optim", "trainer", "logger"])
+def test_every_group_option_composes(group, compose):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        overrides = [f"{group}={option}"]
+        if option == "imagefolder":
+            overrides += ["data.num_classes=10", "data.train.root=x", "data.test.root=y"]
+        if option == "open_clip_vitb32":
+            overrides += ["model.backbone.weights=x.pt"]
+        cfg = compose("train", overrides)
+        OmegaConf.resolve(cfg[group])
+
+
+def test_a_misspelt_key_fails(compose):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException):
+        compose("train", ["trainer.epoch=3"])
+
+
+@pytest.mark.parametrize("name", ["extract", "eval"])
+def test_cli_configs_compose(name, compose):
+    cfg = compose(name, ["query=x", "gallery=y"] if name == "eval" else ["version=x"])
+    assert cfg.split == "test"
