@@ -1,13 +1,17 @@
-"""``compatembed-demo``: the problem, end to end, on real CIFAR-10 in a few minutes on a CPU.
+"""``compatembed-demo``: the whole story of a compatible model upgrade, on real CIFAR-10, on a CPU.
 
-1. trains a small "old" model on classes 0-4 (the deployed model),
-2. trains a "new" model independently on classes 0-9,
-3. extracts embeddings of the 10-class test split with both and evaluates old/old, new/new and
-   new/old — the new model cannot search the old gallery (new/old near chance): the reason
-   backward-compatible training exists.
+1. trains the "old" model on classes 0-4 and deploys it: its embeddings of the test split are indexed
+   in the index service (a collection behind the alias ``photos``);
+2. trains a compatible "new" model on classes 0-9 (OCA by default: its first dims live in the old space);
+3. queries the deployed gallery, still all old vectors, with the NEW model through the service;
+4. upgrades part of the gallery (re-embeds those items with the new model) and queries again: the
+   gallery is now mixed-version, and both segments answer;
+5. writes the compatibility report (matrix, criterion, mixed gallery, backfill curves, plots) with the
+   deployment gate's verdict, and says where it is.
 
-It uses the same Hydra configs as ``compatembed-train`` (``experiment=cifar10_independent_*``) on a
-per-class subset of the training split, so the numbers are lower than the full experiments'.
+It uses the same Hydra configs as ``compatembed-train`` (``experiment=cifar10_independent_old`` and
+``experiment=cifar10_<method>``) on a per-class subset of the training split, so the numbers are lower
+than the full experiments'. ``--synthetic`` runs the same story on generated images in a minute (tests).
 """
 
 from __future__ import annotations
@@ -16,60 +20,151 @@ import argparse
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
-from compatembed.cli import run_cli
+import numpy as np
+
+from compatembed.cli import CONF_DIR, run_cli
 
 _logger = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def _compose(config_name: str, overrides: list[str]):
+
+def _compose(config_name: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=config_name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _train_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], list[str], list[str]]:
+    """(common, old, new) training overrides for the real or the synthetic story."""
+    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={args.per_class}",
+              f"trainer.progress={str(not args.no_progress).lower()}"]
+    if args.data_root:
+        common.append(f"paths.data_root={args.data_root}")
+    old = ["version_id=demo_old", f"output_dir={out / 'old'}"]
+    new = ["version_id=demo_new", f"output_dir={out / 'new'}", f"method.old_version={out / 'old'}"]
+    if args.synthetic:
+        common += ["data=synthetic", "model=cifar_resnet20", "logger=none"]
+        old += ["data.classes=0-4", "model.embed_dim=16"]
+        new += [f"method={args.method}", "model.embed_dim=20" if args.method == "oca" else "model.embed_dim=16"]
+        if args.method == "oca":
+            new.append("method.extra_dims=4")
+    else:
+        old.append("experiment=cifar10_independent_old")
+        new.append(f"experiment=cifar10_{args.method}")
+    return common, old, new
+
+
+def _top1(service: Any, version: str, queries: np.ndarray, query_ids: np.ndarray, query_labels: np.ndarray) -> tuple[float, dict[str, int]]:
+    """Top-1 accuracy of a search through the service (own item skipped) and which versions answered."""
+    res = service.search("photos", version, queries, k=2)
+    hits, answered = 0, {}
+    for i in range(len(queries)):
+        best = next(h for h in res.hits(i) if h["id"] != int(query_ids[i]))
+        hits += int(best["metadata"]["label"] == int(query_labels[i]))
+        answered[best["version"]] = answered.get(best["version"], 0) + 1
+    return hits / len(queries), answered
 
 
 def run(args: argparse.Namespace) -> Path:
-    from compatembed.evaluate import evaluate, render_report_md
+    """Run the story; returns the path of ``report.md``."""
+    from compatembed_index.api import IndexService
+
+    from compatembed.evaluate import load_or_extract
+    from compatembed.report import build_report
     from compatembed.train import train
 
     out = Path(args.out)
-    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={args.per_class}"]
-    if args.data_root:
-        common.append(f"paths.data_root={args.data_root}")
     started = time.perf_counter()
-    print(f"[1/3] training the old model on classes 0-4 ({args.per_class} images per class, {args.epochs} epochs)")
-    old = train(_compose("train", ["experiment=cifar10_independent_old", "version_id=demo_old", f"output_dir={out / 'old'}", *common]))
-    print(f"[2/3] training the new model independently on classes 0-9 (parent: {old.name})")
-    new = train(
-        _compose("train", ["experiment=cifar10_independent_new", "version_id=demo_new", f"output_dir={out / 'new'}",
-                           f"method.old_version={old}", *common])
-    )
-    print("[3/3] embedding the 10-class test split with both models and evaluating")
-    eval_overrides = [f"query={new}", f"gallery={old}", f"out={out / 'report'}", f"device={args.device}"]
+    progress = not args.no_progress
+    common, old_o, new_o = _train_overrides(args, out)
+    eval_o = ["data=synthetic"] if args.synthetic else []
     if args.data_root:
-        eval_overrides.append(f"paths.data_root={args.data_root}")
-    report = evaluate(_compose("eval", eval_overrides))
-    print()
-    print(render_report_md(report))
+        eval_o.append(f"paths.data_root={args.data_root}")
+    data_cfg = _compose("eval", eval_o + ["query=unused", "gallery=unused"]).data
+    extract = dict(device=args.device, progress=progress)
+
+    print(f"[1/5] training the old model on classes 0-4 ({args.per_class} images per class, {args.epochs} epochs) and deploying it")
+    old_dir = train(_compose("train", common + old_o))
+    old = load_or_extract(old_dir, data_cfg, "test", **extract)
+    service = IndexService(out / "index", max_k=10)
+    try:
+        service.register_version(old_dir)
+        if "gallery" in service.list_collections():  # a rerun starts from a fresh deployment
+            service.drop_collection("gallery")
+        service.create_collection("gallery", factory="Flat")
+        service.add("gallery", "demo_old", old.ids, old.embeddings, [{"label": int(y)} for y in old.labels])
+        service.set_alias("photos", "gallery")
+        q = np.random.default_rng(0).choice(len(old), size=min(len(old), args.queries), replace=False)
+        base, _ = _top1(service, "demo_old", old.embeddings[q], old.ids[q], old.labels[q])
+        print(f"      deployed: {len(old)} test images indexed as 'photos' ({old.embeddings.shape[1]}-d); "
+              f"old queries top-1 {100 * base:.1f}%")
+
+        print(f"[2/5] training a compatible new model ({args.method.upper()}) on classes 0-9")
+        new_dir = train(_compose("train", common + new_o))
+        new = load_or_extract(new_dir, data_cfg, "test", **extract)
+        service.register_version(new_dir)
+        route = service.route("demo_new", "demo_old")
+        print(f"      registered demo_new ({new.embeddings.shape[1]}-d); route to the old gallery: {' > '.join(route) if route else 'none'}")
+
+        print("[3/5] querying the deployed (all old) gallery with the NEW model, no backfill")
+        order = np.argsort(new.ids)[np.searchsorted(np.sort(new.ids), old.ids)]  # new rows in the old rows' item order
+        new_emb = new.embeddings[order]
+        cross, _ = _top1(service, "demo_new", new_emb[q], old.ids[q], old.labels[q])
+        print(f"      new queries on the old gallery: top-1 {100 * cross:.1f}% (old queries: {100 * base:.1f}%)")
+
+        n_up = int(round(args.upgrade * len(old)))
+        print(f"[4/5] upgrading {100 * args.upgrade:.0f}% of the gallery ({n_up} items re-embedded with demo_new)")
+        up = np.random.default_rng(1).permutation(len(old))[:n_up]
+        service.upgrade("gallery", "demo_new", old.ids[up], new_emb[up])
+        mixed, answered = _top1(service, "demo_new", new_emb[q], old.ids[q], old.labels[q])
+        print(f"      mixed gallery: top-1 {100 * mixed:.1f}%; top hits came from {answered}")
+    finally:
+        service.close()
+
+    print("[5/5] writing the compatibility report (matrix, mixed gallery, backfill curves, plots, gate)")
+    report_o = eval_o + [f"versions=[{old_dir},{new_dir}]", f"out={out / 'report'}", "gate.enabled=true",
+                         f"gate.metric={args.gate_metric}", f"device={args.device}", f"progress={str(progress).lower()}",
+                         f"mixed.max_queries={args.report_queries}", "backfill.seeds=[0,1]",
+                         "title='compatembed-demo: old model on classes 0-4 and a compatible new model on 0-9'"]
+    report = build_report(_compose("report", report_o))
     minutes = (time.perf_counter() - started) / 60
-    print(f"Done in {minutes:.1f} min. Model versions: {old}, {new}. Report: {out / 'report' / 'report.md'}")
-    print("new/old is near chance: the new model cannot search the old gallery without backfilling.")
+    gate = report["gate"]
+    print()
+    print(f"Done in {minutes:.1f} min.")
+    print(f"  model versions: {old_dir}, {new_dir}; index data: {out / 'index'} (alias 'photos')")
+    print(f"  deployment gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['reason']}")
+    print(f"  report: {out / 'report' / 'report.md'} (plots: {out / 'report' / 'matrix_heatmap.png'}, "
+          f"{out / 'report' / 'backfill.png'})")
     return out / "report" / "report.md"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``compatembed-demo``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where the model versions and the report go (default: runs/demo)")
+    parser.add_argument("--out", default="runs/demo", help="where the model versions, the index and the report go (default: runs/demo)")
     parser.add_argument("--data-root", default=None, help="folder holding cifar10-jpeg/{train,test}.tar (default: ../shared/data or $COMPATEMBED_DATA_ROOT)")
     parser.add_argument("--per-class", type=int, default=500, help="training images per class (default: 500)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model (default: 4)")
+    parser.add_argument("--method", choices=("oca", "bct"), default="oca", help="compatible training method (default: oca)")
+    parser.add_argument("--upgrade", type=float, default=0.3, help="fraction of the gallery re-embedded in step 4 (default: 0.3)")
+    parser.add_argument("--queries", type=int, default=500, help="queries sent to the service in steps 1-4 (default: 500)")
+    parser.add_argument("--report-queries", type=int, default=1000,
+                        help="queries of the mixed-gallery and backfill evaluations, each ranking the whole gallery (default: 1000)")
+    parser.add_argument("--gate-metric", default="top1", help="metric of the deployment gate (default: top1)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--synthetic", action="store_true", help="generated images and a tiny model (a one-minute check)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.upgrade <= 1.0:
+        parser.error("--upgrade must be a fraction in [0, 1]")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_cli(lambda: run(args))
     return 0

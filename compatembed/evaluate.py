@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from compatembed.cli import CONF_DIR, run_cli
 from compatembed.embeddings import EmbeddingSet
@@ -43,7 +44,7 @@ def load_or_extract(
     if (path / "meta.json").is_file() and not (path / MANIFEST).is_file():
         return EmbeddingSet.load(path)
     manifest = load_manifest(path)
-    cache = path / "embeddings" / f"{data_cfg.name}-{split}"
+    cache = path / "embeddings" / _cache_name(data_cfg, split)
     if (cache / "meta.json").is_file():
         cached = EmbeddingSet.load(cache)
         if cached.meta.get("weights_sha256") == manifest["files"]["model.safetensors"]:
@@ -53,6 +54,16 @@ def load_or_extract(
     )
     result.save(cache)
     return result
+
+
+def _cache_name(data_cfg: DictConfig, split: str) -> str:
+    """``<dataset>-<split>``, plus a tag of the item selection when one is set (classes, per-class cap)."""
+    keys = ("classes", "train_per_class") if split == "train" else ("eval_classes",)
+    selection = {k: OmegaConf.to_container(data_cfg, resolve=True).get(k) for k in keys}
+    if all(v is None for v in selection.values()):
+        return f"{data_cfg.name}-{split}"
+    tag = hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{data_cfg.name}-{split}-{tag}"
 
 
 def route_pair(

@@ -14,6 +14,9 @@ from compatembed.eval.compatibility import (
 )
 from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
 from compatembed.eval.tables import matrix_markdown, pair_table_markdown
+from compatembed.eval.matrix import CompatibilityMatrix, GateResult, compute_matrix, gate, summarise_matrix
+from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
+from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
 
 __all__ = [
     "RetrievalEvaluator",
@@ -28,4 +31,16 @@ __all__ = [
     "per_query_metrics",
     "retrieval_metrics",
     "update_gain",
+    # compatibility reports
+    "CompatibilityMatrix",
+    "GateResult",
+    "MixedGallery",
+    "backfill_curve",
+    "compute_matrix",
+    "gate",
+    "neighbour_margin_order",
+    "prototype_margin_order",
+    "random_order",
+    "split_gallery",
+    "summarise_matrix",
 ]
