@@ -45,14 +45,15 @@ def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool
     if reuse and manifest_path.is_file():
         print(f"[reuse] {experiment}: {version_dir}", flush=True)
         manifest = json.loads(manifest_path.read_text())
-        return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": manifest.get("training", {}).get("wall_s"), "manifest": manifest}
+        timing = version_dir / "wall_time.json"
+        wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
+        return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": wall, "manifest": manifest}
     cmd = [sys.executable, "-m", "compatembed.train", f"experiment={experiment}", f"output_dir={version_dir}", *overrides]
     print("[train] " + " ".join(cmd[2:]), flush=True)
     started = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO)
     wall = time.perf_counter() - started
     manifest = json.loads(manifest_path.read_text())
-    manifest.setdefault("training", {})["wall_s"] = wall
     (version_dir / "wall_time.json").write_text(json.dumps({"wall_s": wall}) + "\n")
     return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": wall, "manifest": manifest}
 
