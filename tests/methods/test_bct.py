@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from compatembed.data import ClassSubset, ImageFolderTar, SyntheticImages, build_transform
+from compatembed.data import ClassSubset, SyntheticImages, build_transform
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.bct import BCT
@@ -19,7 +18,6 @@ from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DATA_ROOT = Path(os.environ.get("COMPATEMBED_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared" / "data"))
 D_OLD = 16
 COMMON = ["data=synthetic", "trainer=smoke", "logger=none", "paths.cache_dir=null"]
 
@@ -249,60 +247,19 @@ def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path) ->
     assert json.loads((tmp_path / "report" / "report.json").read_text())["query_version"] == "bct"
 
 
-class _Items(Dataset):
-    """The first ``per_class`` items of every class of a labelled dataset (labels and ids kept)."""
-
-    def __init__(self, base: ImageFolderTar, per_class: int) -> None:
-        targets = np.asarray(base.targets)
-        self.base = base
-        self.index = np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in range(len(base.classes))])
-        self.targets = targets[self.index]
-        self.ids = np.asarray(base.ids)[self.index]
-        self.classes = base.classes
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        return self.base[int(self.index[i])]
-
-
-def test_short_real_run_lowers_each_loss_term(tmp_path: Path) -> None:
+def test_short_real_run_lowers_each_loss_term(
+    tmp_path: Path, shared_cifar: Path, small_cifar_context, short_run, assert_losses_fall
+) -> None:
     """The third-party ResNet-20 as the old model (its REAL classifier), 160 CIFAR-10 images, 20 steps."""
-    tar = DATA_ROOT / "cifar10-jpeg" / "test.tar"
-    weights = DATA_ROOT / "cifar10-resnet" / "resnet20-12fca82f.th"
-    if not (tar.is_file() and weights.is_file()):
-        pytest.skip(f"shared CIFAR-10 data or ResNet-20 weights not found under {DATA_ROOT} (set COMPATEMBED_DATA_ROOT)")
     old = train_version(
         tmp_path / "external_old",
-        [f"paths.data_root={DATA_ROOT}", "trainer.epochs=0"],
+        [f"paths.data_root={shared_cifar}", "trainer.epochs=0"],
         model="cifar_resnet20_shared",
     )
     model = new_model(64)
-
-    def view(pre) -> Dataset:
-        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), 16)
-
-    train_set = view(model.preprocessing)
-    ctx = MethodContext(
-        train_set=train_set, eval_view=view, num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"), batch_size=80
-    )
+    ctx = small_cifar_context(model.preprocessing, per_class=16, batch_size=80)
     method = BCT(model, 10, old_version=str(old))
     method.setup(ctx)
     assert method.finalize(ctx)["bct"]["old_classifier"] == "real"
-    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=3e-3)
-    from compatembed.train import IndexedDataset
-
-    loader = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
-    history: list[dict[str, float]] = []
-    method.train()
-    while len(history) < 20:
-        for images, labels, indices in loader:
-            terms, _ = method.training_forward(images, labels, indices)
-            optimizer.zero_grad()
-            torch.stack(list(terms.values())).sum().backward()
-            optimizer.step()
-            history.append({k: float(v.detach()) for k, v in terms.items()})
-    for term in ("ce", "influence"):
-        first, last = np.mean([h[term] for h in history[:5]]), np.mean([h[term] for h in history[-5:]])
-        assert last < first, f"{term}: {first:.3f} -> {last:.3f}"
+    history = short_run(method, ctx.train_set, steps=20, batch_size=32, lr=3e-3, data_loader=True)
+    assert_losses_fall(history, ("ce", "influence"))

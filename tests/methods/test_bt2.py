@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,10 +13,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Dataset
 
 from compatembed.data import Preprocessing, build_dataset, build_transform
-from compatembed.data.tar import ImageFolderTar
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.bt2 import ORTHOGONAL_MAPS, BT2, BT2Embedder, orthogonality_error
@@ -30,17 +26,10 @@ CONF_DIR = REPO / "conf"
 D_OLD, D_NEW, K = 16, 24, 8  # the synthetic scenario: d_old != d_new, student f of 40 dims
 TINY = ["data=synthetic", "model=cifar_resnet20", "trainer.progress=false", "logger=none", "trainer.checkpoint=false"]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # -- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two threads oversubscribe (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyBackbone(nn.Module):
     """A linear "backbone" on flattened 3x4x4 images: exact and instant."""
 
@@ -383,80 +372,14 @@ def test_experiments_compose_with_consistent_sizes(experiment):
 
 
 # -- a short run on real data ------------------------------------------------------------------------
-def _shared_data() -> Path:
-    root = Path(os.environ.get("COMPATEMBED_DATA_ROOT", REPO / ".." / "shared" / "data"))
-    needed = [root / "cifar10-jpeg" / "test.tar", root / "cifar10-resnet" / "resnet20-12fca82f.th",
-              root / "cifar10-resnet" / "resnet32-d509ac18.th"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        pytest.skip(f"shared CIFAR-10 data not found: {missing[0]} (set COMPATEMBED_DATA_ROOT)")
-    return root
-
-
-class _Items(Dataset):
-    """Some items of a labelled dataset, keeping ``targets`` and ``ids`` (what methods read)."""
-
-    def __init__(self, base: ImageFolderTar, positions: np.ndarray) -> None:
-        self.base, self.positions = base, positions
-        self.targets = np.asarray(base.targets)[positions]
-        self.ids = np.asarray(base.ids)[positions]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.base[int(self.positions[index])]
-
-
-def _teacher_version(path: Path, version_id: str, depth: int, weights: Path) -> Path:
-    """A third-party CIFAR ResNet (64-d pooled feature) written as a model version."""
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=depth, num_classes=10, weights=str(weights)))
-    config = {
-        "_target_": "compatembed.models.EmbeddingModel",
-        "backbone": {"_target_": "compatembed.models.create_backbone", "name": "cifar_resnet", "depth": depth,
-                     "num_classes": 10, "weights": None},
-        "embed_dim": None,
-        "normalize": True,
-    }
-    return save_model_version(path, version_id=version_id, model=model, model_config=config, embed_dim=64,
-                              normalized=True, preprocessing=model.preprocessing.to_dict(), training={})
-
-
-def test_a_short_run_on_real_data_lowers_every_loss_term(tmp_path):
+def test_a_short_run_on_real_data_lowers_every_loss_term(external_version, small_cifar_context, short_run, assert_losses_fall):
     """Old = third-party ResNet-20 (64-d), new reference = third-party ResNet-32 (64-d), student = a fresh ResNet-8."""
-    root = _shared_data()
-    old = _teacher_version(tmp_path / "old", "old", 20, root / "cifar10-resnet" / "resnet20-12fca82f.th")
-    new_ref = _teacher_version(tmp_path / "new_ref", "new_ref", 32, root / "cifar10-resnet" / "resnet32-d509ac18.th")
+    old = external_version("old", depth=20)
+    new_ref = external_version("new_ref", depth=32)
     torch.manual_seed(0)
     student = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=128)
     method = BT2(student, 10, old_version=str(old), new_reference_version=str(new_ref), k=16)
-
-    tar = root / "cifar10-jpeg" / "test.tar"
-    base = ImageFolderTar(tar, transform=build_transform(student.preprocessing, train=False))
-    positions = np.concatenate([np.flatnonzero(np.asarray(base.targets) == c)[:20] for c in range(10)])
-    train_set = _Items(base, positions)
-
-    def eval_view(pre: Preprocessing) -> Dataset:
-        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), positions)
-
-    ctx = MethodContext(train_set=train_set, eval_view=eval_view, num_classes=10, train_classes=list(range(10)),
-                        device=torch.device("cpu"), batch_size=100)
+    ctx = small_cifar_context(student.preprocessing, per_class=20, batch_size=100)
     method.setup(ctx)
-    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    labels = torch.as_tensor(train_set.targets)
-    opt = torch.optim.Adam(method.trainable_parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    history: list[dict[str, float]] = []
-    method.train()
-    for _ in range(5):  # epochs of 5 batches of 40
-        for idx in torch.randperm(len(train_set), generator=gen).split(40):
-            terms, _ = method.training_forward(images[idx], labels[idx], idx)
-            loss = torch.stack(list(terms.values())).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            history.append({k: float(v.detach()) for k, v in terms.items()})  # weighted by positive constants
-    for term in ("ce", "influence", "old_align", "new_align"):
-        first = np.mean([h[term] for h in history[:5]])
-        last = np.mean([h[term] for h in history[-5:]])
-        assert last < first, f"{term}: {first:.4f} -> {last:.4f}"
+    history = short_run(method, ctx.train_set, steps=25, batch_size=40, lr=5e-3)  # 5 epochs of 5 batches of 40
+    assert_losses_fall(history, ("ce", "influence", "old_align", "new_align"))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -15,28 +13,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from sklearn.linear_model import LinearRegression
 from torch import nn
-from torch.utils.data import Dataset
 
-from compatembed.data import Preprocessing, build_transform
-from compatembed.data.tar import ImageFolderTar
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.fct import FCT, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
 from compatembed.models import EmbeddingModel, create_backbone
-from compatembed.models.version import load_model_version, module_sha256, save_model_version
+from compatembed.models.version import load_model_version, module_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
 TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared, busy 2-core machine two threads oversubscribe (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def paired_features(n: int = 200, d_old: int = 5, d_new: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,76 +251,20 @@ def test_experiments_compose_and_instantiate(experiment):
 
 
 # -- a short run on real data ------------------------------------------------------------------------
-def _shared_data() -> Path:
-    root = Path(os.environ.get("COMPATEMBED_DATA_ROOT", REPO / ".." / "shared" / "data"))
-    for needed in (root / "cifar10-jpeg" / "test.tar", root / "cifar10-resnet" / "resnet20-12fca82f.th"):
-        if not needed.is_file():
-            pytest.skip(f"shared CIFAR-10 data not found: {needed} (set COMPATEMBED_DATA_ROOT)")
-    return root
-
-
-class _Items(Dataset):
-    """Some items of a labelled dataset, keeping ``targets`` and ``ids`` (what methods read)."""
-
-    def __init__(self, base: ImageFolderTar, positions: np.ndarray) -> None:
-        self.base, self.positions = base, positions
-        self.targets = np.asarray(base.targets)[positions]
-        self.ids = np.asarray(base.ids)[positions]
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.base[int(self.positions[index])]
-
-
-def _external_old_version(path: Path, weights: Path) -> Path:
-    """The third-party CIFAR-10 ResNet-20 (64-d pooled feature) written as the deployed old version."""
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=20, num_classes=10, weights=str(weights)))
-    config = {"_target_": "compatembed.models.EmbeddingModel", "embed_dim": None, "normalize": True,
-              "backbone": {"_target_": "compatembed.models.create_backbone", "name": "cifar_resnet", "depth": 20,
-                           "num_classes": 10, "weights": None}}
-    return save_model_version(path, version_id="old", model=model, model_config=config, embed_dim=64, normalized=True,
-                              preprocessing=model.preprocessing.to_dict(), training={})
-
-
-def test_a_short_run_on_real_data_lowers_every_loss_term(tmp_path):
+def test_a_short_run_on_real_data_lowers_every_loss_term(external_version, small_cifar_context, short_run, assert_losses_fall):
     """New = a fresh ResNet-8 (32-d) trained for a few steps on 200 CIFAR-10 images, old = the third-party
     ResNet-20 (64-d); then h is fitted on their features."""
-    root = _shared_data()
-    old = _external_old_version(tmp_path / "old", root / "cifar10-resnet" / "resnet20-12fca82f.th")
+    old = external_version("old", depth=20)
     torch.manual_seed(0)
     model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=32)
     method = FCT(model, 10, old_version=str(old), hidden_dims=[64], fit_steps=150, fit_batch_size=50, fit_lr=3e-3)
-    tar = root / "cifar10-jpeg" / "test.tar"
-    base = ImageFolderTar(tar, transform=build_transform(model.preprocessing, train=False))
-    positions = np.concatenate([np.flatnonzero(np.asarray(base.targets) == c)[:20] for c in range(10)])
-    train_set = _Items(base, positions)
-
-    def eval_view(pre: Preprocessing) -> Dataset:
-        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), positions)
-
-    ctx = MethodContext(train_set=train_set, eval_view=eval_view, num_classes=10, train_classes=list(range(10)),
-                        device=torch.device("cpu"), batch_size=100)
+    ctx = small_cifar_context(model.preprocessing, per_class=20, batch_size=100)
     method.setup(ctx)
-    images = torch.stack([train_set[i][0] for i in range(len(train_set))])
-    labels = torch.as_tensor(train_set.targets)
-    opt = torch.optim.Adam(method.trainable_parameters(), lr=5e-3)
-    gen = torch.Generator().manual_seed(0)
-    ce: list[float] = []
-    method.train()
-    for _ in range(5):  # epochs of 5 batches of 40
-        for idx in torch.randperm(len(train_set), generator=gen).split(40):
-            terms, _ = method.training_forward(images[idx], labels[idx], idx)
-            opt.zero_grad()
-            torch.stack(list(terms.values())).sum().backward()
-            opt.step()
-            ce.append(float(terms["ce"].detach()))
-    assert np.mean(ce[-5:]) < np.mean(ce[:5])
+    history = short_run(method, ctx.train_set, steps=25, batch_size=40, lr=5e-3)  # 5 epochs of 5 batches of 40
+    assert_losses_fall(history, ("ce",))
 
     facts = method.finalize(ctx)["fct"]
-    transfer = method.fit_result.history["transfer"]
-    assert np.mean(transfer[-10:]) < np.mean(transfer[:10])
+    assert_losses_fall(method.fit_result.history, ("transfer",), window=10)
     assert facts["train_alignment"]["fitted"] > facts["train_alignment"]["raw"]
     (edge,) = method.compatibility_edges()
     assert edge.kind == "forward" and edge.arrays["w0"].shape == (64, 64) and edge.arrays["w1"].shape == (32, 64)

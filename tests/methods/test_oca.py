@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from compatembed.data import ImageFolderTar, SyntheticImages, build_transform
+from compatembed.data import SyntheticImages, build_transform
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.oca import ORTHOGONAL_MAPS, OCA
@@ -18,7 +17,6 @@ from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DATA_ROOT = Path(os.environ.get("COMPATEMBED_DATA_ROOT", Path(__file__).resolve().parents[3] / "shared" / "data"))
 D_OLD, K = 16, 8
 COMMON = ["data=synthetic", "trainer=smoke", "logger=none", "paths.cache_dir=null"]
 
@@ -205,55 +203,14 @@ def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     assert "prefix" in cross["route"] and cross["top1"] == pytest.approx(expected["top1"])
 
 
-class _Items(Dataset):
-    """The first ``per_class`` items of every class of a labelled dataset (labels and ids kept)."""
-
-    def __init__(self, base: ImageFolderTar, per_class: int) -> None:
-        targets = np.asarray(base.targets)
-        self.base = base
-        self.index = np.concatenate([np.flatnonzero(targets == c)[:per_class] for c in range(len(base.classes))])
-        self.targets = targets[self.index]
-        self.ids = np.asarray(base.ids)[self.index]
-        self.classes = base.classes
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int):
-        return self.base[int(self.index[i])]
-
-
-def test_short_real_run_lowers_each_loss_term(tmp_path: Path) -> None:
+def test_short_real_run_lowers_each_loss_term(
+    tmp_path: Path, shared_cifar: Path, small_cifar_context, short_run, assert_losses_fall
+) -> None:
     """The third-party ResNet-20 as the old model (64-d), a 64 + 16-d new model, 160 CIFAR-10 images, 20 steps."""
-    tar = DATA_ROOT / "cifar10-jpeg" / "test.tar"
-    weights = DATA_ROOT / "cifar10-resnet" / "resnet20-12fca82f.th"
-    if not (tar.is_file() and weights.is_file()):
-        pytest.skip(f"shared CIFAR-10 data or ResNet-20 weights not found under {DATA_ROOT} (set COMPATEMBED_DATA_ROOT)")
-    old = train_version(tmp_path / "external_old", [f"paths.data_root={DATA_ROOT}", "trainer.epochs=0"], model="cifar_resnet20_shared")
+    old = train_version(tmp_path / "external_old", [f"paths.data_root={shared_cifar}", "trainer.epochs=0"], model="cifar_resnet20_shared")
     model = new_model(64 + 16)
-
-    def view(pre) -> Dataset:
-        return _Items(ImageFolderTar(tar, transform=build_transform(pre, train=False)), 16)
-
-    train_set = view(model.preprocessing)
-    ctx = MethodContext(
-        train_set=train_set, eval_view=view, num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"), batch_size=80
-    )
+    ctx = small_cifar_context(model.preprocessing, per_class=16, batch_size=80)
     method = OCA(model, 10, old_version=str(old), extra_dims=16)
     method.setup(ctx)
-    optimizer = torch.optim.Adam(method.trainable_parameters(), lr=3e-3)
-    from compatembed.train import IndexedDataset
-
-    loader = DataLoader(IndexedDataset(train_set), batch_size=32, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
-    history: list[dict[str, float]] = []
-    method.train()
-    while len(history) < 20:
-        for images, labels, indices in loader:
-            terms, _ = method.training_forward(images, labels, indices)
-            optimizer.zero_grad()
-            torch.stack(list(terms.values())).sum().backward()
-            optimizer.step()
-            history.append({k: float(v.detach()) for k, v in terms.items()})
-    for term in ("ce", "influence", "pull"):
-        first, last = np.mean([h[term] for h in history[:5]]), np.mean([h[term] for h in history[-5:]])
-        assert last < first, f"{term}: {first:.3f} -> {last:.3f}"
+    history = short_run(method, ctx.train_set, steps=20, batch_size=32, lr=3e-3, data_loader=True)
+    assert_losses_fall(history, ("ce", "influence", "pull"))
