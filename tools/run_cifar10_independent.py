@@ -12,6 +12,7 @@ problem compatible training solves.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from tools._runner import REPO, evaluate, machine, pct, train, write_json
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "protocol": "shared CIFAR-10 (JPEG copy); old: classes 0-4, new: classes 0-9; query set = gallery set = "
         "the 10-class test split, leave-one-out; cosine after truncation to the smaller dimension",
-        "command": "python -m tools.run_cifar10_independent " + " ".join(args.overrides),
+        "command": "python -m tools.run_cifar10_independent " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "training": {
             name: {"version_id": run["manifest"]["version_id"], "wall_s": run["wall_s"],

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,7 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[
             + "; new: classes 0-9; query set = gallery set = the 10-class test split, leave-one-out; new/old follows the "
             "manifest's compatibility route (prefix, affine map, or forward-upgraded gallery)"
         ),
-        "command": "python -m tools.run_cifar10_methods " + " ".join(argv if argv is not None else []),
+        "command": "python -m tools.run_cifar10_methods " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "old_version": old["manifest"]["version_id"],
         "methods": rows,
