@@ -29,7 +29,6 @@ from compatembed.cli import CONF_DIR, run_cli
 _logger = logging.getLogger(__name__)
 
 
-
 def _compose(config_name: str, overrides: list[str]) -> Any:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
