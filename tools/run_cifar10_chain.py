@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", choices=("oca", "bct", "bt2", "lambda_orth"), default="oca",
                         help="compatible method at each step (default: oca)")
     parser.add_argument("--extra-dims", type=int, default=32, help="OCA/BT²: dims added at each step (default: 32)")
-    parser.add_argument("--runs", type=Path, default=REPO / "runs" / "chain")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "chain")
+    parser.add_argument("--runs", type=Path, default=Path("runs") / "chain")  # relative: reports name portable paths
+    parser.add_argument("--out", type=Path, default=Path("docs") / "results" / "chain")
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
     parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("--report-arg", action="append", default=[], help="extra compatembed-report override (repeatable)")
