@@ -101,34 +101,13 @@ def route_pair(
 
 def version_registry(version_dirs: list[str]) -> Any:
     """The index service's registry holding these versions and every ancestor training recorded."""
+    from compatembed.eval.mixed_gallery import ancestor_dirs
     from compatembed_index.registry import VersionRegistry, read_version_dir
 
     registry = VersionRegistry()
-    seen: set[str] = set()
-    pending = list(version_dirs)
-    while pending:
-        directory = pending.pop()
-        version = read_version_dir(directory)
-        if version.version_id in seen:
-            continue
-        seen.add(version.version_id)
-        registry.register(version)
-        parent = _parent_dir(Path(directory))
-        if parent is not None:
-            pending.append(str(parent))
+    for directory in ancestor_dirs(version_dirs):
+        registry.register(read_version_dir(directory))
     return registry
-
-
-def _parent_dir(version_dir: Path) -> Path | None:
-    """The parent version's directory, as training recorded it (or a sibling of the same name)."""
-    manifest = json.loads((version_dir / "manifest.json").read_text())
-    recorded = manifest.get("training", {}).get("old_version_dir")
-    if not recorded:
-        return None
-    for candidate in (Path(recorded), version_dir.parent / Path(recorded).name):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
 
 
 def evaluate_pair(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from compatembed.errors import EvalError
-from compatembed.eval.retrieval import _check_topk, _metrics_from_ranking
+from compatembed.eval.retrieval import check_topk, metrics_from_ranking
 
 if TYPE_CHECKING:  # torch-free at import: EmbeddingSet lives next to the torch embedding code
     from compatembed.embeddings import EmbeddingSet
@@ -151,7 +151,7 @@ class MixedGallery:
             if not np.array_equal(np.asarray(s.labels)[o], self.labels):
                 raise EvalError(f"embeddings of version {vid!r} label the items differently")
             self._vectors[vid] = np.ascontiguousarray(s.embeddings[o], dtype=np.float32)
-        self.topk = _check_topk(topk)
+        self.topk = check_topk(topk)
         n_items = len(self.ids)
         if max_queries is not None and int(max_queries) <= 0:
             raise EvalError(f"max_queries must be a positive integer or None, got {max_queries!r}")
@@ -354,4 +354,4 @@ def ranking_metrics(
     if (missing_rel + missing_self > n_missing).any():
         raise EvalError("inconsistent search results: more missing relevant items than missing slots")
     drop = own_full if leave_one_out else None
-    return _metrics_from_ranking(scores.astype(np.float32), relevant_full, list(_check_topk(topk)), drop=drop)
+    return metrics_from_ranking(scores.astype(np.float32), relevant_full, list(check_topk(topk)), drop=drop)

@@ -47,7 +47,7 @@ def list_metrics(topk: Iterable[int] = (1, 5)) -> tuple[str, ...]:
         >>> list_metrics((1, 5))
         ('top1', 'top5', 'mAP', 'mAP@R', 'R_precision', 'num_queries', 'num_queries_without_relevant')
     """
-    return tuple(f"top{k}" for k in _check_topk(topk)) + _RANK_METRICS + _COUNTS
+    return tuple(f"top{k}" for k in check_topk(topk)) + _RANK_METRICS + _COUNTS
 
 
 def per_query_metrics(
@@ -76,7 +76,7 @@ def per_query_metrics(
     Raises:
         EvalError: invalid inputs (see :func:`retrieval_metrics`).
     """
-    ks = _check_topk(topk)
+    ks = check_topk(topk)
     if backend not in _BACKENDS:
         raise EvalError(f"unknown ranking backend {backend!r}; known: {sorted(_BACKENDS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
@@ -109,7 +109,7 @@ def per_query_metrics(
         scores, idx = rank(qn[lo:hi])
         relevant = g_codes[idx] == q_codes[lo:hi, None]
         own = None if self_index is None else idx == self_index[lo:hi, None]
-        batch = _metrics_from_ranking(scores, relevant, ks, drop=own)
+        batch = metrics_from_ranking(scores, relevant, ks, drop=own)
         for key, values in batch.items():
             out[key][lo:hi] = values
     _logger.debug("ranked %d queries against %d gallery items in %.2fs", n_q, n_g, time.perf_counter() - start_time)
@@ -232,7 +232,7 @@ class RetrievalEvaluator:
 
     def __post_init__(self) -> None:
         # Hydra hands lists (ListConfig); keep the frozen instance hashable and comparable.
-        object.__setattr__(self, "topk", _check_topk(self.topk))
+        object.__setattr__(self, "topk", check_topk(self.topk))
         object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size <= 0:
@@ -336,7 +336,7 @@ _BACKENDS: dict[str, Callable[[np.ndarray], Callable[[np.ndarray], tuple[np.ndar
 # Ranking arithmetic
 
 
-def _metrics_from_ranking(
+def metrics_from_ranking(
     scores: np.ndarray, relevant: np.ndarray, ks: Sequence[int], drop: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
     """Metrics of a batch of rankings, from the relevant items and the blocks of tied scores holding them.
@@ -411,7 +411,8 @@ def _metrics_from_ranking(
 # Input checks
 
 
-def _check_topk(topk: Iterable[int]) -> tuple[int, ...]:
+def check_topk(topk: Iterable[int]) -> tuple[int, ...]:
+    """``topk`` as a tuple of positive integers, or an :class:`EvalError` naming what is wrong."""
     try:
         ks = tuple(topk)
     except TypeError:
