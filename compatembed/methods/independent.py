@@ -10,6 +10,26 @@ from compatembed.methods.base import Method
 from compatembed.models.heads import Classifier
 
 
+def classification_step(
+    classifier: nn.Module, embeddings: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Independent's training step on one batch: ``{"ce": ...}`` and the batch accuracy ``{"acc": ...}``.
+
+    Shared with the methods that train their new model in the run exactly like ``Independent``
+    (:class:`compatembed.methods.maps.PostHocMapMethod`), so the two cannot drift apart.
+
+    Args:
+        classifier: the linear classifier on the embedding.
+        embeddings: (B, d) the new model's (unnormalised) embeddings of the batch.
+        labels: (B,) class ids.
+        label_smoothing: label smoothing of the cross-entropy.
+    """
+    logits = classifier(embeddings)
+    ce = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return {"ce": ce}, {"acc": acc}
+
+
 class Independent(Method):
     """Cross-entropy through a linear classifier on the embedding; no relation to any old model.
 
@@ -31,7 +51,4 @@ class Independent(Method):
     def training_forward(
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        logits = self.classifier(self.model(images))
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        acc = (logits.argmax(1) == labels).float().mean().item()
-        return {"ce": ce}, {"acc": acc}
+        return classification_step(self.classifier, self.model(images), labels, self.label_smoothing)

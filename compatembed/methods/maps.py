@@ -37,6 +37,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import Method, MethodContext, freeze
+from compatembed.methods.independent import classification_step
 from compatembed.models.heads import Classifier
 from compatembed.models.version import LoadedVersion, load_model_version
 
@@ -543,9 +544,11 @@ class PostHocMapMethod(Method):
     """A new model trained independently (or loaded) plus a map to/from the old space fitted in ``finalize``.
 
     Without ``new_version`` the run trains the new model with cross-entropy through its own linear
-    classifier, exactly like ``Independent``; with ``new_version`` the new model's weights come from that
-    version directory in :meth:`setup`, it is frozen (its hash is checked like the old model's), and
-    the run trains nothing (``trainer.epochs=0``): only the map is fitted.
+    classifier, exactly like ``Independent`` (both call
+    :func:`~compatembed.methods.independent.classification_step`); with ``new_version`` the new
+    model's weights come from that version directory in :meth:`setup`, it is frozen (its hash is
+    checked like the old model's), and the run trains nothing (``trainer.epochs=0``): only the map
+    is fitted.
 
     Args:
         model: the new embedding model (its architecture must match ``new_version`` when given).
@@ -604,9 +607,7 @@ class PostHocMapMethod(Method):
             raise ConfigError(
                 f"method.new_version={self.new_version_path} is adopted, not trained: set trainer.epochs=0"
             )
-        logits = self.classifier(self.model(images))
-        ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        return {"ce": ce}, {"acc": (logits.argmax(1) == labels).float().mean().item()}
+        return classification_step(self.classifier, self.model(images), labels, self.label_smoothing)
 
     def train_features(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, d_new) new-model and (N, d_old) old-model L2-normalised features of the training items.

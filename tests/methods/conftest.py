@@ -1,30 +1,36 @@
 """Fixtures of the method tests: one torch thread, the shared CIFAR-10 data (skipped with the reason
 when absent), a small per-class subset of its test split, third-party CIFAR ResNets written as
-model versions, and a short training run whose loss terms must fall.
+model versions, versions trained here on the synthetic data, small synthetic contexts and batches,
+and short training runs whose loss terms must fall.
 
 The shared data folder is the ``shared_data`` fixture of ``tests/conftest.py``
 (``$COMPATEMBED_DATA_ROOT`` or ``<repo>/../shared/data``), which skips when the CIFAR-10 test tar is
-absent. There is no ``__init__.py`` here, so the helpers are fixtures, not importable functions.
+absent. There is no ``__init__.py`` here, so the helpers are fixtures, not importable functions
+(plain helpers shared with other test packages live in ``tests/helpers``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from compatembed.data import ClassSubset, ImageFolderTar, Preprocessing, build_transform
+from compatembed.data import ClassSubset, ImageFolderTar, Preprocessing, SyntheticImages, build_transform
 from compatembed.methods.base import Method, MethodContext
 from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import save_model_version
+from helpers.configs import compose_config
 
 RESNET_WEIGHTS = {20: "resnet20-12fca82f.th", 32: "resnet32-d509ac18.th"}  # under <data>/cifar10-resnet
+SMOKE = ["data=synthetic", "trainer=smoke", "logger=none"]  # what every version trained here shares
 
 History = list[dict[str, float]]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +166,121 @@ def _assert_fall(history: History | dict[str, list[float]], terms: Sequence[str]
 def assert_losses_fall() -> Callable[..., None]:
     """assert_losses_fall(history, terms, window=5): first-vs-last steps, per term."""
     return _assert_fall
+
+
+# -- versions trained here, synthetic contexts and batches ---------------------------------------------
+def _train_version(
+    out: Path, overrides: Sequence[str] = (), *, model: str = "cifar_resnet20", cache_dir: Path | None = None
+) -> Path:
+    """Train (or import, with ``trainer.epochs=0``) a version on the synthetic data with ``trainer=smoke``;
+    its id is the folder name. ``cache_dir``: the feature cache (none by default)."""
+    from compatembed.train import train
+
+    cache = "null" if cache_dir is None else str(cache_dir)
+    return train(compose_config("train", SMOKE + [
+        f"paths.cache_dir={cache}", f"model={model}", f"version_id={out.name}", f"output_dir={out}", *overrides,
+    ]))
+
+
+@pytest.fixture(scope="session")
+def train_version() -> Callable[..., Path]:
+    """train_version(out, overrides=(), *, model="cifar_resnet20", cache_dir=None) → the version folder
+    ``out`` (id ``out.name``), trained with ``trainer=smoke`` on the synthetic data (or imported: 0 epochs)."""
+    return _train_version
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """An old version (synthetic classes 0-4) and an independent new one (id ``indep``, all classes,
+    parent ``old``), a few steps each, sharing a feature cache: ``{"old", "new", "cache", "root"}``.
+
+    Built once per test module. ``test_bt2.py`` overrides it with versions of its own sizes."""
+    root = tmp_path_factory.mktemp("versions")
+    cache = root / "cache"
+    old = _train_version(root / "old", ["data.classes=0-4"], cache_dir=cache)
+    new = _train_version(root / "indep", [f"method.old_version={old}"], cache_dir=cache)
+    return {"old": old, "new": new, "cache": cache, "root": root}
+
+
+def _new_model(embed_dim: int, seed: int = 0) -> EmbeddingModel:
+    torch.manual_seed(seed)
+    return EmbeddingModel(create_backbone("cifar_resnet", depth=8), embed_dim=embed_dim)
+
+
+@pytest.fixture(scope="session")
+def new_model() -> Callable[..., EmbeddingModel]:
+    """new_model(embed_dim, seed=0) → a fresh ResNet-8 embedding model, built right after ``torch.manual_seed(seed)``."""
+    return _new_model
+
+
+@pytest.fixture(scope="session")
+def synthetic_context() -> Callable[..., MethodContext]:
+    """synthetic_context(model, batch_size=32) → a CPU context on 6 synthetic training images of each of
+    the 10 classes, un-augmented under ``model``'s preprocessing; its eval views are the same items.
+    ``batch_size``: of the feature extraction passes."""
+
+    def context(model: EmbeddingModel, batch_size: int = 32) -> MethodContext:
+        def view(pre: Preprocessing) -> Dataset:
+            return SyntheticImages(num_classes=10, per_class=6, split="train", transform=build_transform(pre, train=False))
+
+        return MethodContext(
+            train_set=view(model.preprocessing), eval_view=view, num_classes=10, train_classes=list(range(10)),
+            device=torch.device("cpu"), batch_size=batch_size,
+        )
+
+    return context
+
+
+def _fixed_batch(ctx: MethodContext, n: int = 12) -> Batch:
+    idx = torch.linspace(0, len(ctx.train_set) - 1, n).long()
+    images = torch.stack([ctx.train_set[int(i)][0] for i in idx])
+    labels = torch.as_tensor([int(ctx.train_set[int(i)][1]) for i in idx])
+    return images, labels, idx
+
+
+@pytest.fixture(scope="session")
+def fixed_batch() -> Callable[..., Batch]:
+    """fixed_batch(ctx, n=12) → (images, labels, positions) of ``n`` items spread evenly over ``ctx.train_set``."""
+    return _fixed_batch
+
+
+def _terms_without_and_with(
+    build: Callable[..., Method], ctx: MethodContext, batch: Batch, settings: dict[str, Any]
+) -> tuple[dict[str, float], dict[str, float]]:
+    results = []
+    for kwargs in ({}, settings):
+        method = build(**kwargs)
+        method.setup(ctx)
+        with torch.no_grad():
+            terms, _ = method.training_forward(*batch)
+        results.append({k: float(v) for k, v in terms.items()})
+    return results[0], results[1]
+
+
+@pytest.fixture(scope="session")
+def terms_without_and_with() -> Callable[..., tuple[dict[str, float], dict[str, float]]]:
+    """terms_without_and_with(build, ctx, batch, settings) → (base, other): the loss terms on ``batch``
+    (floats, no gradients) of ``build()`` and of ``build(**settings)``, each built in turn and set up on ``ctx``."""
+    return _terms_without_and_with
+
+
+@pytest.fixture
+def short_run_on_imported_resnet20(
+    shared_cifar: Path, small_cifar_context: Callable[..., MethodContext], tmp_path: Path
+) -> Callable[..., tuple[Method, MethodContext, History]]:
+    """run(build, embed_dim) → (method, ctx, history): the third-party ResNet-20 imported through ``train``
+    (0 epochs: its 64-d feature and its REAL classifier) as the old version, a fresh ResNet-8 new model of
+    ``embed_dim`` (seed 0), the method ``build(model, old_version_dir)`` set up on 16 CIFAR-10 images per
+    class and trained 20 steps (Adam, lr 3e-3, batches of 32 from a data loader)."""
+
+    def run(build: Callable[[EmbeddingModel, str], Method], embed_dim: int) -> tuple[Method, MethodContext, History]:
+        old = _train_version(
+            tmp_path / "external_old", [f"paths.data_root={shared_cifar}", "trainer.epochs=0"], model="cifar_resnet20_shared"
+        )
+        model = _new_model(embed_dim)
+        ctx = small_cifar_context(model.preprocessing, per_class=16, batch_size=80)
+        method = build(model, str(old))
+        method.setup(ctx)
+        return method, ctx, _run(method, ctx.train_set, steps=20, batch_size=32, lr=3e-3, data_loader=True)
+
+    return run

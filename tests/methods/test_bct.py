@@ -8,77 +8,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from compatembed.data import ClassSubset, SyntheticImages, build_transform
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.bct import BCT
-from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 D_OLD = 16
-COMMON = ["data=synthetic", "trainer=smoke", "logger=none", "paths.cache_dir=null"]
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="train", overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def train_version(out: Path, overrides: list[str], *, model: str = "cifar_resnet20") -> Path:
-    """Train (or import, with 0 epochs) a version on the synthetic data; its id is the folder name."""
-    from compatembed.train import train
-
-    return train(compose(COMMON + [f"model={model}", f"version_id={out.name}", f"output_dir={out}"] + overrides))
 
 
 @pytest.fixture(scope="module")
-def old_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def old_version(tmp_path_factory: pytest.TempPathFactory, train_version) -> Path:
     """An old version trained here (independent, synthetic classes 0-4, 16-d): no classifier stored."""
     return train_version(tmp_path_factory.mktemp("bct") / "old", ["data.classes=0-4", f"model.embed_dim={D_OLD}"])
 
 
 @pytest.fixture(scope="module")
-def imported_old(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def imported_old(tmp_path_factory: pytest.TempPathFactory, train_version) -> Path:
     """An imported old model (0 epochs, no projection: its backbone's 64 -> 10 classifier reads the
     embedding) whose manifest says it saw classes 0-4 only."""
     return train_version(
         tmp_path_factory.mktemp("bct") / "imported", ["data.classes=0-4", "model.embed_dim=null", "trainer.epochs=0"]
     )
-
-
-def new_model(embed_dim: int, seed: int = 0) -> EmbeddingModel:
-    torch.manual_seed(seed)
-    return EmbeddingModel(create_backbone("cifar_resnet", depth=8), embed_dim=embed_dim)
-
-
-def synthetic_ctx(model: EmbeddingModel, classes: str | None = None) -> MethodContext:
-    def view(pre, train: bool = False) -> Dataset:
-        ds = SyntheticImages(num_classes=10, per_class=6, split="train", transform=build_transform(pre, train=train, augment="none"))
-        return ds if classes is None else ClassSubset(ds, classes)
-
-    train_set = view(model.preprocessing)
-    return MethodContext(
-        train_set=train_set, eval_view=view, num_classes=10, train_classes=sorted(set(train_set.targets.tolist())),
-        device=torch.device("cpu"), batch_size=32,
-    )
-
-
-def batch(ctx: MethodContext, n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    idx = torch.linspace(0, len(ctx.train_set) - 1, n).long()
-    images = torch.stack([ctx.train_set[int(i)][0] for i in idx])
-    labels = torch.as_tensor([int(ctx.train_set[int(i)][1]) for i in idx])
-    return images, labels, idx
 
 
 def class_means_by_hand(version_dir: Path, ctx: MethodContext) -> np.ndarray:
@@ -93,9 +44,11 @@ def class_means_by_hand(version_dir: Path, ctx: MethodContext) -> np.ndarray:
     return np.stack([feats[labels == c].mean(0) if (labels == c).any() else np.zeros(feats.shape[1]) for c in range(10)])
 
 
-def test_old_classifier_gets_no_gradient_and_stays_unchanged(old_version: Path) -> None:
+def test_old_classifier_gets_no_gradient_and_stays_unchanged(
+    old_version: Path, new_model, synthetic_context, fixed_batch
+) -> None:
     model = new_model(D_OLD)
-    ctx = synthetic_ctx(model)
+    ctx = synthetic_context(model)
     method = BCT(model, 10, old_version=str(old_version))
     method.setup(ctx)
     head = method.old_classifier
@@ -108,7 +61,7 @@ def test_old_classifier_gets_no_gradient_and_stays_unchanged(old_version: Path) 
     optimizer = torch.optim.SGD(method.trainable_parameters(), lr=0.1)
     method.train()
     for _ in range(3):
-        terms, _ = method.training_forward(*batch(ctx))
+        terms, _ = method.training_forward(*fixed_batch(ctx))
         optimizer.zero_grad()
         torch.stack(list(terms.values())).sum().backward()
         assert all(p.grad is None and not p.requires_grad for p in head.parameters())
@@ -120,9 +73,9 @@ def test_old_classifier_gets_no_gradient_and_stays_unchanged(old_version: Path) 
     assert any(not torch.equal(a, b) for a, b in zip(model_before, model.parameters())), "the new model did not train"
 
 
-def test_old_version_trained_here_uses_class_means_for_all_classes(old_version: Path) -> None:
+def test_old_version_trained_here_uses_class_means_for_all_classes(old_version: Path, new_model, synthetic_context) -> None:
     model = new_model(D_OLD)
-    ctx = synthetic_ctx(model)
+    ctx = synthetic_context(model)
     method = BCT(model, 10, old_version=str(old_version))
     method.setup(ctx)
     np.testing.assert_allclose(method.old_classifier.weight.numpy(), class_means_by_hand(old_version, ctx), atol=1e-5)
@@ -134,9 +87,9 @@ def test_old_version_trained_here_uses_class_means_for_all_classes(old_version: 
         BCT(new_model(D_OLD), 10, old_version=str(old_version), old_classifier="real").setup(ctx)
 
 
-def test_real_rows_kept_and_unseen_classes_synthesised(imported_old: Path) -> None:
+def test_real_rows_kept_and_unseen_classes_synthesised(imported_old: Path, new_model, synthetic_context) -> None:
     model = new_model(64)
-    ctx = synthetic_ctx(model)
+    ctx = synthetic_context(model)
     method = BCT(model, 10, old_version=str(imported_old))
     method.setup(ctx)
     real = method.old_model.backbone.classifier
@@ -151,15 +104,17 @@ def test_real_rows_kept_and_unseen_classes_synthesised(imported_old: Path) -> No
     assert [e.kind for e in method.compatibility_edges()] == ["identity"]
 
 
-def test_prototypes_variant_is_cosine_to_p_with_weight_10(imported_old: Path) -> None:
+def test_prototypes_variant_is_cosine_to_p_with_weight_10(
+    imported_old: Path, new_model, synthetic_context, fixed_batch
+) -> None:
     model = new_model(64)
-    ctx = synthetic_ctx(model)
+    ctx = synthetic_context(model)
     method = BCT(model, 10, old_version=str(imported_old), variant="prototypes")
     method.setup(ctx)
     assert method.influence_weight == 10.0
     protos = class_means_by_hand(imported_old, ctx)
     np.testing.assert_allclose(method.old_classifier.weight.numpy(), protos, atol=1e-5)
-    images, labels, idx = batch(ctx)
+    images, labels, idx = fixed_batch(ctx)
     with torch.no_grad():
         feats = model(images).double().numpy()
         terms, _ = method.training_forward(images, labels, idx)
@@ -178,25 +133,23 @@ def test_prototypes_variant_is_cosine_to_p_with_weight_10(imported_old: Path) ->
         ("influence_scale", 4.0, "influence"),
     ],
 )
-def test_each_setting_changes_the_loss(imported_old: Path, key: str, value: float, changed: str) -> None:
+def test_each_setting_changes_the_loss(
+    imported_old: Path, key: str, value: float, changed: str,
+    new_model, synthetic_context, fixed_batch, terms_without_and_with,
+) -> None:
     variant = "prototypes" if key == "influence_scale" else "paper"
-    ctx = synthetic_ctx(new_model(64))
-    data = batch(ctx)
-    results = []
-    for kwargs in ({}, {key: value}):
-        method = BCT(new_model(64), 10, old_version=str(imported_old), variant=variant, **kwargs)
-        method.setup(ctx)
-        with torch.no_grad():
-            terms, _ = method.training_forward(*data)
-        results.append({k: float(v) for k, v in terms.items()})
-    base, other = results
+    ctx = synthetic_context(new_model(64))
+    base, other = terms_without_and_with(
+        lambda **kwargs: BCT(new_model(64), 10, old_version=str(imported_old), variant=variant, **kwargs),
+        ctx, fixed_batch(ctx), {key: value},
+    )
     assert other[changed] != pytest.approx(base[changed], rel=1e-4)
     if key.endswith("_weight"):  # the paper's weights are 1: the weighted term scales with the weight
         assert other[changed] == pytest.approx(base[changed] * value, rel=1e-5)
     assert abs(sum(other.values()) - sum(base.values())) > 1e-6  # the total the trainer minimises moves too
 
 
-def test_config_errors(old_version: Path) -> None:
+def test_config_errors(old_version: Path, new_model, synthetic_context) -> None:
     with pytest.raises(ConfigError, match="variant"):
         BCT(new_model(D_OLD), 10, old_version=str(old_version), variant="code")
     with pytest.raises(ConfigError, match="old_classifier"):
@@ -206,16 +159,16 @@ def test_config_errors(old_version: Path) -> None:
     with pytest.raises(ConfigError, match="variant=prototypes"):
         BCT(new_model(D_OLD), 10, old_version=str(old_version), variant="prototypes", old_classifier="real")
     with pytest.raises(ConfigError, match="old_version"):
-        BCT(new_model(D_OLD), 10).setup(synthetic_ctx(new_model(D_OLD)))
+        BCT(new_model(D_OLD), 10).setup(synthetic_context(new_model(D_OLD)))
     with pytest.raises(ConfigError, match=rf"model.embed_dim={D_OLD} or method.compatible_dims=prefix"):
         model = new_model(D_OLD + 8)
-        BCT(model, 10, old_version=str(old_version)).setup(synthetic_ctx(model))
+        BCT(model, 10, old_version=str(old_version)).setup(synthetic_context(model))
     with pytest.raises(ConfigError, match=rf"model.embed_dim={D_OLD}"):
         model = new_model(D_OLD - 8)
-        BCT(model, 10, old_version=str(old_version), compatible_dims="prefix").setup(synthetic_ctx(model))
+        BCT(model, 10, old_version=str(old_version), compatible_dims="prefix").setup(synthetic_context(model))
 
 
-def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path) -> None:
+def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path, train_version, compose) -> None:
     """End to end: a 24-d new model whose first 16 dims face the old space; the old model is untouched."""
     from compatembed.evaluate import evaluate
 
@@ -230,36 +183,17 @@ def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path) ->
     assert manifest["training"]["bct"]["old_classifier"] == "prototypes"
     assert manifest["training"]["frozen_model_sha256"]["old_model"] == module_sha256(load_model_version(old_version).model)
 
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            config_name="eval",
-            overrides=["data=synthetic", f"query={out}", f"gallery={old_version}", f"out={tmp_path / 'report'}", "progress=false"],
-        )
-    GlobalHydra.instance().clear()
+    cfg = compose(
+        "eval", ["data=synthetic", f"query={out}", f"gallery={old_version}", f"out={tmp_path / 'report'}", "progress=false"]
+    )
     report = evaluate(cfg)
     cross = [p for p in report["pairs"] if (p["query"], p["gallery"]) == ("new", "old")][0]
     assert "prefix" in cross["route"]
     assert json.loads((tmp_path / "report" / "report.json").read_text())["query_version"] == "bct"
 
 
-def test_short_real_run_lowers_each_loss_term(
-    tmp_path: Path, shared_cifar: Path, small_cifar_context, short_run, assert_losses_fall
-) -> None:
+def test_short_real_run_lowers_each_loss_term(short_run_on_imported_resnet20, assert_losses_fall) -> None:
     """The third-party ResNet-20 as the old model (its REAL classifier), 160 CIFAR-10 images, 20 steps."""
-    old = train_version(
-        tmp_path / "external_old",
-        [f"paths.data_root={shared_cifar}", "trainer.epochs=0"],
-        model="cifar_resnet20_shared",
-    )
-    model = new_model(64)
-    ctx = small_cifar_context(model.preprocessing, per_class=16, batch_size=80)
-    method = BCT(model, 10, old_version=str(old))
-    method.setup(ctx)
+    method, ctx, history = short_run_on_imported_resnet20(lambda model, old: BCT(model, 10, old_version=old), embed_dim=64)
     assert method.finalize(ctx)["bct"]["old_classifier"] == "real"
-    history = short_run(method, ctx.train_set, steps=20, batch_size=32, lr=3e-3, data_loader=True)
     assert_losses_fall(history, ("ce", "influence"))

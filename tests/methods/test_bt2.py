@@ -14,15 +14,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compatembed.data import Preprocessing, build_dataset, build_transform
+from compatembed.data import build_dataset, build_transform
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.bt2 import ORTHOGONAL_MAPS, BT2, BT2Embedder, orthogonality_error
 from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_model_version, module_sha256, save_model_version
+from helpers.configs import compose_config
+from helpers.models import TinyBackbone
 
-REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
 D_OLD, D_NEW, K = 16, 24, 8  # the synthetic scenario: d_old != d_new, student f of 40 dims
 TINY = ["data=synthetic", "model=cifar_resnet20", "trainer.progress=false", "logger=none", "trainer.checkpoint=false"]
 
@@ -30,34 +30,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-class TinyBackbone(nn.Module):
-    """A linear "backbone" on flattened 3x4x4 images: exact and instant."""
-
-    def __init__(self, num_features: int = 12) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.preprocessing = Preprocessing(input_size=(3, 4, 4), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-        self.fc = nn.Linear(48, num_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
+def tiny_student(embed_dim: int) -> EmbeddingModel:
+    """A student on a 12-feature :class:`helpers.models.TinyBackbone`: exact and instant."""
+    return EmbeddingModel(TinyBackbone(12), embed_dim=embed_dim)
 
 
 def tiny_embedder(d_old: int, d_new: int, k: int, *, scale: float = 2.0, orthogonal_map: str = "matrix_exp") -> BT2Embedder:
-    student = EmbeddingModel(TinyBackbone(), embed_dim=d_old + d_new)
-    return BT2Embedder(student, d_old, d_new, k, scale, orthogonal_map)
+    return BT2Embedder(tiny_student(d_old + d_new), d_old, d_new, k, scale, orthogonal_map)
 
 
 def compose_train(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("train", overrides)
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config("train", overrides)
 
 
 def bt2_overrides(versions: dict[str, Path], *extra: str) -> list[str]:
@@ -163,7 +146,7 @@ def test_bases_stay_orthogonal_through_optimizer_steps(orthogonal_map):
 
 
 def test_student_embed_dim_must_be_d_new_plus_d_old():
-    student = EmbeddingModel(TinyBackbone(), embed_dim=30)
+    student = tiny_student(30)
     with pytest.raises(ConfigError, match=r"model\.embed_dim=30") as info:
         BT2Embedder(student, D_OLD, D_NEW, K)
     assert "40" in str(info.value)
@@ -180,7 +163,7 @@ def test_student_embed_dim_must_be_d_new_plus_d_old():
     ],
 )
 def test_inconsistent_sizes_are_config_errors(d_old, d_new, k, scale, orthogonal_map, message):
-    student = EmbeddingModel(TinyBackbone(), embed_dim=d_old + d_new)
+    student = tiny_student(d_old + d_new)
     with pytest.raises(ConfigError, match=message):
         BT2Embedder(student, d_old, d_new, k, scale, orthogonal_map)
 
@@ -206,7 +189,7 @@ def versions(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_missing_versions_and_negative_weights_are_config_errors(versions):
-    student = EmbeddingModel(TinyBackbone(), embed_dim=D_OLD + D_NEW)
+    student = tiny_student(D_OLD + D_NEW)
     with pytest.raises(ConfigError, match="method.old_version"):
         BT2(student, 10, new_reference_version=str(versions["new_ref"]))
     with pytest.raises(ConfigError, match="method.new_reference_version"):
@@ -215,7 +198,7 @@ def test_missing_versions_and_negative_weights_are_config_errors(versions):
         BT2(student, 10, old_version=str(versions["old"]), new_reference_version=str(versions["new_ref"]), influence_weight=-1)
     # sizes read from the manifests: 16 + 24 = 40, so a 30-d student is refused by name
     with pytest.raises(ConfigError, match=r"model\.embed_dim=30"):
-        BT2(EmbeddingModel(TinyBackbone(), embed_dim=30), 10, old_version=str(versions["old"]),
+        BT2(tiny_student(30), 10, old_version=str(versions["old"]),
             new_reference_version=str(versions["new_ref"]))
 
 
@@ -347,15 +330,7 @@ def test_training_exports_a_bt2_version_that_eval_routes_by_prefix(versions, tmp
 
 
 def _compose_eval(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("eval", ["data=synthetic", "progress=false", "device=cpu", *overrides])
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config("eval", ["data=synthetic", "progress=false", "device=cpu", *overrides])
 
 
 @pytest.mark.parametrize("experiment", ["cifar10_bt2", "cifar10_external_bt2", "cifar100_bt2_paper", "imagenet_bt2_paper"])

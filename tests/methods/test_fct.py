@@ -19,9 +19,9 @@ from compatembed.methods.base import MethodContext
 from compatembed.methods.fct import FCT, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
 from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_model_version, module_sha256
+from helpers.configs import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
 TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"]
 
 
@@ -62,18 +62,6 @@ def numpy_forward(arrays: dict[str, np.ndarray], x: np.ndarray, activation: str)
         if i < n_layers - 1:
             h = np.maximum(h, 0) if activation == "relu" else 0.5 * h * (1 + erf(h / np.sqrt(2)))
     return h / np.linalg.norm(h, axis=1, keepdims=True)
-
-
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(name, overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # -- BatchNorm folding and the export -----------------------------------------------------------------
@@ -171,22 +159,8 @@ def test_unknown_options_are_config_errors():
 
 
 # -- the method in the pipeline (synthetic versions) ---------------------------------------------------
-@pytest.fixture(scope="module")
-def versions(tmp_path_factory) -> dict[str, Path]:
-    """An old version (synthetic classes 0-4) and an independent new one (all classes), a few steps each."""
-    from compatembed.train import train
-
-    root = tmp_path_factory.mktemp("fct_versions")
-    cache = root / "cache"
-    old = train(compose_cfg("train", TINY + ["data.classes=0-4", "version_id=old", f"output_dir={root / 'old'}",
-                                             f"paths.cache_dir={cache}"]))
-    new = train(compose_cfg("train", TINY + ["version_id=indep", f"output_dir={root / 'indep'}", f"method.old_version={old}",
-                                             f"paths.cache_dir={cache}"]))
-    return {"old": old, "new": new, "cache": cache}
-
-
 def fct_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
-    return compose_cfg("train", TINY + [
+    return compose_config("train", TINY + [
         "method=fct", f"method.old_version={versions['old']}", "version_id=fct", f"output_dir={out}",
         f"paths.cache_dir={versions['cache']}", "method.fit_steps=40", "method.fit_batch_size=32", "method.hidden_dims=[16]",
         *extra,
@@ -210,11 +184,11 @@ def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions,
     assert facts["layers"] == [d_old, 16, d_new] and facts["new_model"] == "trained in this run"
     assert manifest["training"]["frozen_model_sha256"] == {"old_model": module_sha256(load_model_version(versions["old"]).model)}
 
-    report = evaluate(compose_cfg("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
-                                           f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
+    report = evaluate(compose_config("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
+                                              f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
     cross = next(r for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
     assert cross["route"] == "gallery: forward"
-    data = compose_cfg("eval", ["data=synthetic", "query=-", "gallery=-"]).data
+    data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
     new, old = load_or_extract(out, data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
     upgraded = numpy_forward(arrays, old.embeddings, "relu")
     by_hand = retrieval_metrics(new.embeddings, new.labels, upgraded, old.labels, query_ids=new.ids, gallery_ids=old.ids,
@@ -243,7 +217,7 @@ def test_adopted_new_model_with_side_information(versions, tmp_path):
 def test_experiments_compose_and_instantiate(experiment):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.fct.FCT"
     assert cfg.method.old_version.startswith("runs/")
     model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))

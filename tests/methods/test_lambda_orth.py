@@ -34,9 +34,9 @@ from compatembed.methods.maps import (
 )
 from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_model_version, module_sha256
+from helpers.configs import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
 TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"]
 
 
@@ -55,18 +55,6 @@ def paired_features(n: int = 200, d_new: int = 6, d_old: int = 5, *, offset: flo
 def random_semi_orthogonal(d_out: int, d_in: int, g: torch.Generator) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(max(d_out, d_in), min(d_out, d_in), generator=g, dtype=torch.float64))
     return q if d_out >= d_in else q.T
-
-
-def compose_cfg(name: str, overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(name, overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 # -- deviation measures and the hinge --------------------------------------------------------------
@@ -276,22 +264,8 @@ def test_label_smoothing_changes_the_new_models_cross_entropy():
 
 
 # -- the method in the pipeline (synthetic versions) ---------------------------------------------------
-@pytest.fixture(scope="module")
-def versions(tmp_path_factory) -> dict[str, Path]:
-    """An old version (synthetic classes 0-4) and an independent new one (all classes), a few steps each."""
-    from compatembed.train import train
-
-    root = tmp_path_factory.mktemp("lambda_orth_versions")
-    cache = root / "cache"
-    old = train(compose_cfg("train", TINY + ["data.classes=0-4", "version_id=old", f"output_dir={root / 'old'}",
-                                             f"paths.cache_dir={cache}"]))
-    new = train(compose_cfg("train", TINY + ["version_id=indep", f"output_dir={root / 'indep'}", f"method.old_version={old}",
-                                             f"paths.cache_dir={cache}"]))
-    return {"old": old, "new": new, "cache": cache, "root": root}
-
-
 def lambda_orth_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
-    return compose_cfg("train", TINY + [
+    return compose_config("train", TINY + [
         "method=lambda_orth", f"method.old_version={versions['old']}", "version_id=lo", f"output_dir={out}",
         f"paths.cache_dir={versions['cache']}", "method.fit_steps=30", "method.fit_batch_size=64", *extra,
     ])
@@ -316,12 +290,12 @@ def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
     old_hash = module_sha256(load_model_version(versions["old"]).model)
     assert manifest["training"]["frozen_model_sha256"] == {"old_model": old_hash}
 
-    report = evaluate(compose_cfg("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
-                                           f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
+    report = evaluate(compose_config("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
+                                              f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
     cross = next(r for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
     assert cross["route"] == "query: affine"
     # the same number by hand: the exported arrays applied to the new test embeddings
-    data = compose_cfg("eval", ["data=synthetic", "query=-", "gallery=-"]).data
+    data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
     new, old = load_or_extract(out, data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
     mapped = new.embeddings @ arrays["weight"].T + arrays["bias"]
     by_hand = retrieval_metrics(mapped, new.labels, old.embeddings, old.labels, query_ids=new.ids, gallery_ids=old.ids,
@@ -380,7 +354,7 @@ def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch
     payload = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["map"], r["pair"]): r for r in payload["rows"]}
     assert len(rows) == len(payload["rows"]) == 3 + 2 * (2 + 3 + 1)  # baselines + per bias: 2 ends, 3 λ, forward
-    data = compose_cfg("eval", ["data=synthetic", "query=-", "gallery=-"]).data
+    data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
     new, old = load_or_extract(versions["new"], data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
     raw = retrieval_metrics(new.embeddings, new.labels, old.embeddings, old.labels, query_ids=new.ids, gallery_ids=old.ids,
                             leave_one_out=True)
@@ -403,7 +377,7 @@ def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch
 def test_experiments_compose_and_instantiate(experiment):
     from hydra.utils import instantiate
 
-    cfg = compose_cfg("train", [f"experiment={experiment}"])
+    cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.lambda_orth.LambdaOrth"
     assert cfg.method.old_version.startswith("runs/")
     model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))

@@ -7,66 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import Dataset
 
-from compatembed.data import SyntheticImages, build_transform
 from compatembed.errors import ConfigError
-from compatembed.methods.base import MethodContext
 from compatembed.methods.oca import ORTHOGONAL_MAPS, OCA
-from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 D_OLD, K = 16, 8
-COMMON = ["data=synthetic", "trainer=smoke", "logger=none", "paths.cache_dir=null"]
-
-
-def compose(overrides: list[str], config_name: str = "train"):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def train_version(out: Path, overrides: list[str], *, model: str = "cifar_resnet20") -> Path:
-    """Train (or import, with 0 epochs) a version on the synthetic data; its id is the folder name."""
-    from compatembed.train import train
-
-    return train(compose(COMMON + [f"model={model}", f"version_id={out.name}", f"output_dir={out}"] + overrides))
 
 
 @pytest.fixture(scope="module")
-def old_version(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def old_version(tmp_path_factory: pytest.TempPathFactory, train_version) -> Path:
     """An old version trained here: independent, synthetic classes 0-4, 16-d."""
     return train_version(tmp_path_factory.mktemp("oca") / "old", ["data.classes=0-4", f"model.embed_dim={D_OLD}"])
-
-
-def new_model(embed_dim: int = D_OLD + K, seed: int = 0) -> EmbeddingModel:
-    torch.manual_seed(seed)
-    return EmbeddingModel(create_backbone("cifar_resnet", depth=8), embed_dim=embed_dim)
-
-
-def synthetic_ctx(model: EmbeddingModel) -> MethodContext:
-    def view(pre) -> Dataset:
-        return SyntheticImages(num_classes=10, per_class=6, split="train", transform=build_transform(pre, train=False))
-
-    return MethodContext(
-        train_set=view(model.preprocessing), eval_view=view, num_classes=10, train_classes=list(range(10)),
-        device=torch.device("cpu"), batch_size=64,
-    )
-
-
-def batch(ctx: MethodContext, n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    idx = torch.linspace(0, len(ctx.train_set) - 1, n).long()
-    images = torch.stack([ctx.train_set[int(i)][0] for i in idx])
-    labels = torch.as_tensor([int(ctx.train_set[int(i)][1]) for i in idx])
-    return images, labels, idx
 
 
 def frobenius_error(q: torch.Tensor) -> float:
@@ -75,15 +27,17 @@ def frobenius_error(q: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("orthogonal_map", ORTHOGONAL_MAPS)
-def test_q_stays_orthogonal_through_optimiser_steps(old_version: Path, orthogonal_map: str) -> None:
-    model = new_model()
-    ctx = synthetic_ctx(model)
+def test_q_stays_orthogonal_through_optimiser_steps(
+    old_version: Path, orthogonal_map: str, new_model, synthetic_context, fixed_batch
+) -> None:
+    model = new_model(D_OLD + K)
+    ctx = synthetic_context(model, batch_size=64)
     method = OCA(model, 10, old_version=str(old_version), extra_dims=K, orthogonal_map=orthogonal_map)
     method.setup(ctx)
     q0, c0 = method.transform.weight.detach().clone(), method.transform.bias.detach().clone()
     assert q0.shape == (D_OLD + K, D_OLD + K) and frobenius_error(q0) < 1e-5
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=0.05)
-    data = batch(ctx)
+    data = fixed_batch(ctx)
     for _ in range(4):
         terms, _ = method.training_forward(*data)
         optimizer.zero_grad()
@@ -95,12 +49,12 @@ def test_q_stays_orthogonal_through_optimiser_steps(old_version: Path, orthogona
     assert method.finalize(ctx)["oca"]["orthogonality_error"] < 1e-5
 
 
-def test_loss_terms_match_a_numpy_oracle(old_version: Path) -> None:
-    model = new_model()
-    ctx = synthetic_ctx(model)
+def test_loss_terms_match_a_numpy_oracle(old_version: Path, new_model, synthetic_context, fixed_batch) -> None:
+    model = new_model(D_OLD + K)
+    ctx = synthetic_context(model, batch_size=64)
     method = OCA(model, 10, old_version=str(old_version), extra_dims=K, influence_scale=3.0)
     method.setup(ctx)
-    images, labels, idx = batch(ctx)
+    images, labels, idx = fixed_batch(ctx)
     with torch.no_grad():
         torch.nn.init.normal_(method.transform.bias)  # a non-zero c, so the oracle checks where it enters
         feats = model(images).double().numpy()
@@ -140,17 +94,15 @@ def test_loss_terms_match_a_numpy_oracle(old_version: Path) -> None:
         ("influence_scale", 5.0, "influence"),
     ],
 )
-def test_each_setting_changes_the_loss(old_version: Path, key: str, value: float, changed: str) -> None:
-    ctx = synthetic_ctx(new_model())
-    data = batch(ctx)
-    results = []
-    for kwargs in ({}, {key: value}):
-        method = OCA(new_model(), 10, old_version=str(old_version), extra_dims=K, **kwargs)
-        method.setup(ctx)
-        with torch.no_grad():
-            terms, _ = method.training_forward(*data)
-        results.append({k: float(v) for k, v in terms.items()})
-    base, other = results
+def test_each_setting_changes_the_loss(
+    old_version: Path, key: str, value: float, changed: str,
+    new_model, synthetic_context, fixed_batch, terms_without_and_with,
+) -> None:
+    ctx = synthetic_context(new_model(D_OLD + K), batch_size=64)
+    base, other = terms_without_and_with(
+        lambda **kwargs: OCA(new_model(D_OLD + K), 10, old_version=str(old_version), extra_dims=K, **kwargs),
+        ctx, fixed_batch(ctx), {key: value},
+    )
     assert other[changed] != pytest.approx(base[changed], rel=1e-4)
     assert abs(sum(other.values()) - sum(base.values())) > 1e-6  # the total the trainer minimises moves too
     defaults = {"ce_weight": 5.0, "influence_weight": 10.0, "pull_weight": 5.0}
@@ -158,19 +110,21 @@ def test_each_setting_changes_the_loss(old_version: Path, key: str, value: float
         assert other[changed] == pytest.approx(base[changed] * value / defaults[key], rel=1e-5)
 
 
-def test_config_errors(old_version: Path) -> None:
+def test_config_errors(old_version: Path, new_model, synthetic_context) -> None:
     with pytest.raises(ConfigError, match=rf"set model.embed_dim={D_OLD + 32}"):
         model = new_model(D_OLD + K)
-        OCA(model, 10, old_version=str(old_version)).setup(synthetic_ctx(model))
+        OCA(model, 10, old_version=str(old_version)).setup(synthetic_context(model, batch_size=64))
     with pytest.raises(ConfigError, match="orthogonal_map"):
-        OCA(new_model(), 10, old_version=str(old_version), extra_dims=K, orthogonal_map="qr")
+        OCA(new_model(D_OLD + K), 10, old_version=str(old_version), extra_dims=K, orthogonal_map="qr")
     with pytest.raises(ConfigError, match="extra_dims"):
-        OCA(new_model(), 10, old_version=str(old_version), extra_dims=-1)
+        OCA(new_model(D_OLD + K), 10, old_version=str(old_version), extra_dims=-1)
     with pytest.raises(ConfigError, match="old_version"):
-        OCA(new_model(), 10, extra_dims=K).setup(synthetic_ctx(new_model()))
+        OCA(new_model(D_OLD + K), 10, extra_dims=K).setup(synthetic_context(new_model(D_OLD + K), batch_size=64))
 
 
-def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(old_version: Path, tmp_path: Path) -> None:
+def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
+    old_version: Path, tmp_path: Path, train_version, compose
+) -> None:
     from compatembed.eval import retrieval_metrics
     from compatembed.evaluate import evaluate, evaluate_pair, load_or_extract
 
@@ -184,7 +138,7 @@ def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     assert manifest["training"]["frozen_model_sha256"]["old_model"] == module_sha256(load_model_version(old_version).model)
     assert not any(k.startswith(("transform", "classifier")) for k in load_model_version(out).model.state_dict())
 
-    data_cfg = compose(["data=synthetic"]).data
+    data_cfg = compose("train", ["data=synthetic"]).data
     new = load_or_extract(out, data_cfg, "test", device="cpu", progress=False)
     old = load_or_extract(old_version, data_cfg, "test", device="cpu", progress=False)
     assert new.embeddings.shape[1] == D_OLD + K
@@ -197,20 +151,17 @@ def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     for metric, value in expected.items():
         assert routed[metric] == pytest.approx(value, abs=1e-9), metric
 
-    cfg = compose(["data=synthetic", f"query={out}", f"gallery={old_version}", f"out={tmp_path / 'report'}", "progress=false"], "eval")
+    cfg = compose(
+        "eval", ["data=synthetic", f"query={out}", f"gallery={old_version}", f"out={tmp_path / 'report'}", "progress=false"]
+    )
     report = evaluate(cfg)
     cross = [p for p in report["pairs"] if (p["query"], p["gallery"]) == ("new", "old")][0]
     assert "prefix" in cross["route"] and cross["top1"] == pytest.approx(expected["top1"])
 
 
-def test_short_real_run_lowers_each_loss_term(
-    tmp_path: Path, shared_cifar: Path, small_cifar_context, short_run, assert_losses_fall
-) -> None:
+def test_short_real_run_lowers_each_loss_term(short_run_on_imported_resnet20, assert_losses_fall) -> None:
     """The third-party ResNet-20 as the old model (64-d), a 64 + 16-d new model, 160 CIFAR-10 images, 20 steps."""
-    old = train_version(tmp_path / "external_old", [f"paths.data_root={shared_cifar}", "trainer.epochs=0"], model="cifar_resnet20_shared")
-    model = new_model(64 + 16)
-    ctx = small_cifar_context(model.preprocessing, per_class=16, batch_size=80)
-    method = OCA(model, 10, old_version=str(old), extra_dims=16)
-    method.setup(ctx)
-    history = short_run(method, ctx.train_set, steps=20, batch_size=32, lr=3e-3, data_loader=True)
+    _, _, history = short_run_on_imported_resnet20(
+        lambda model, old: OCA(model, 10, old_version=old, extra_dims=16), embed_dim=64 + 16
+    )
     assert_losses_fall(history, ("ce", "influence", "pull"))

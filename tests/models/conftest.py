@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-from compatembed.data import Preprocessing
+from helpers.models import TinyBackbone
 
 
 def shared_data_root() -> Path:
@@ -40,20 +39,8 @@ def cifar_test_tar() -> Path:
     return shared_file_or_skip("cifar10-jpeg/test.tar")
 
 
-class TinyBackbone(nn.Module):
-    """A linear "backbone" on flattened 3x4x4 images: exact, fast, and honours the contract."""
-
-    def __init__(self, num_features: int = 6) -> None:
-        super().__init__()
-        self.num_features = num_features
-        self.preprocessing = Preprocessing(input_size=(3, 4, 4), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-        self.fc = nn.Linear(48, num_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x.flatten(1))
-
-
 @pytest.fixture
 def tiny_backbone() -> TinyBackbone:
+    """A seeded 6-feature :class:`helpers.models.TinyBackbone`."""
     torch.manual_seed(0)
     return TinyBackbone()

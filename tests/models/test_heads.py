@@ -10,7 +10,7 @@ from torch import nn
 from compatembed.errors import ConfigError
 from compatembed.models import Classifier, EmbeddingModel, create_backbone
 
-from .conftest import TinyBackbone
+from helpers.models import TinyBackbone
 
 
 def test_projection_dims_and_unnormalised_forward(tiny_backbone: TinyBackbone) -> None:
