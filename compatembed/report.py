@@ -111,6 +111,12 @@ def _run_mixed(gallery: MixedGallery, cfg: DictConfig, names: list[str], metrics
         result = gallery.evaluate(query)
         rows.append({"fractions": dict(zip(names, fractions)), **{m: result[m] for m in metrics},
                      "routes": result["routes"], "skipped": result["skipped"]})
+        if bool(cfg.mixed.calibrate):
+            fitted = gallery.calibrate(query)
+            if fitted:  # nothing to fit when the query version stores (almost) nothing, or nothing else is reachable
+                calibrated = gallery.evaluate(query)
+                rows[-1]["calibrated"] = {m: calibrated[m] for m in metrics}
+                rows[-1]["calibration"] = fitted
     note = ("Segments without a route from the query version are skipped by the service; their items never come "
             "back and are scored as ranked last." if any(r["skipped"] for r in rows) else "")
     return {"query": query, "seed": int(cfg.mixed.seed), "rows": rows, "note": note,
@@ -160,18 +166,20 @@ def _run_backfill(
         forward_modes = [False, True]
     else:
         forward_modes = [False]
-    jobs = [(name, fwd, o) for fwd in forward_modes for name, o in orders.items()]
+    jobs = [(name, fwd, False, o) for fwd in forward_modes for name, o in orders.items()]
+    if bool(bcfg.calibrate):  # the same upgrades, merged with per-route calibration refitted at every point
+        jobs += [(name, False, True, o) for name, o in orders.items()]
     curves: dict[str, list[dict[str, Any]]] = {}
-    bar = tqdm(total=sum(len(o) if isinstance(o, list) else 1 for _, _, o in jobs) * len(fractions),
+    bar = tqdm(total=sum(len(o) if isinstance(o, list) else 1 for *_, o in jobs) * len(fractions),
                desc="backfill curves", disable=not bool(cfg.progress), leave=False)
-    for name, fwd, o in jobs:
+    for name, fwd, cal, o in jobs:
         runs = o if isinstance(o, list) else [o]
         measured = []
         for order in runs:
             measured.append(backfill_curve(gallery, old_version=old, new_version=new, order=order, fractions=fractions,
-                                           forward=fwd, metrics=metrics))
+                                           forward=fwd, metrics=metrics, calibrate=cal))
             bar.update(len(fractions))
-        label = f"{name} + forward map" if fwd else name
+        label = f"{name} + forward map" if fwd else f"{name}, calibrated" if cal else name
         if name == "random":
             label += f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
             curves[label] = average_curves(measured, metrics)
@@ -184,6 +192,10 @@ def _run_backfill(
                      "map (`IndexService.materialise`, no images needed); re-embedded items then replace their mapped copies.")
     elif not with_forward:
         notes.append(f"No forward route {old} → {new}: there is no \"upgrade without images\" curve.")
+    if bool(bcfg.calibrate):
+        notes.append(f"`, calibrated`: at every point the service's per-route score calibration is refitted from "
+                     f"`{new}` items already upgraded (held out from the evaluation queries, their own match left out; "
+                     "`IndexService.calibrate`), so cross-version scores merge on one scale.")
     skipped = sorted({v for pts in curves.values() for p in pts for v in p["skipped"]})
     if skipped:
         notes.append(f"`{new}` has no route to segment(s) {', '.join(skipped)}: the service skips them, so their items are "

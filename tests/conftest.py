@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -12,8 +14,11 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # the default (prepend) import mode puts it there already; ``helpers`` lives here
+    sys.path.insert(0, str(TESTS))
+
+REPO = TESTS.parent
 SHARED_DATA = Path(os.environ.get("COMPATEMBED_DATA_ROOT", REPO.parent / "shared" / "data")).resolve()
 # configs default to a path relative to the working directory; tests run from temporary ones
 os.environ["COMPATEMBED_DATA_ROOT"] = str(SHARED_DATA)
@@ -33,18 +38,11 @@ def shared_data() -> Path:
 
 @pytest.fixture
 def compose():
-    """compose(config_name, overrides) → a DictConfig from conf/ (Hydra's compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """compose(config_name, overrides) → a DictConfig from conf/ (Hydra's compose API; Hydra's global
+    state cleared around each call): ``helpers.configs.compose_config``, which fixtures of any scope can import."""
+    from helpers.configs import compose_config
 
-    def _compose(config_name: str, overrides: list[str] | None = None):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides or [], return_hydra_config=False)
-
-    yield _compose
-    GlobalHydra.instance().clear()
+    return compose_config
 
 
 @pytest.fixture
@@ -52,3 +50,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Run in a temporary directory (outputs of relative paths land there)."""
     monkeypatch.chdir(tmp_path)
     yield tmp_path
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Undo the root-logger handlers a test installs (Hydra's job logging, ``logging.basicConfig``).
+
+    Left in place they write to streams that pytest has closed since, and a later test that reads
+    stderr (the CLIs' one-line errors) would see a logging traceback instead.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

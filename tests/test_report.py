@@ -104,6 +104,25 @@ def test_report_has_every_section_and_consistent_numbers(versions, compose, tmp_
         assert points[-1]["mAP"] == pytest.approx(m.values["mAP"][2, 2], abs=1e-5)
 
 
+def test_calibrated_merges_are_reported_next_to_the_raw_ones(versions, compose, tmp_path):
+    out = tmp_path / "cal"
+    report = build_report(compose("report", _overrides(versions, out, "backfill.orders=[random]", "backfill.seeds=[0]",
+                                                       "backfill.calibrate=true", "plots=false",
+                                                       "mixed.max_queries=20")))  # the other 40 items can calibrate
+    rows = {tuple(r["fractions"].values()): r for r in report["mixed"]["rows"]}
+    assert "calibrated" not in rows[(1.0, 0.0, 0.0)]  # v3 stores nothing: nothing to fit from
+    mixed = rows[(1 / 3, 1 / 3, 1 / 3)]
+    assert set(mixed["calibration"]) == {"v3|v1", "v3|v2"} and set(mixed["calibrated"]) >= {"mAP", "top1"}
+    curves = report["backfill"]["curves"]
+    assert set(curves) == {"random", "random, calibrated"}
+    raw, cal = curves["random"], curves["random, calibrated"]
+    # the ends hold one version only: calibration cannot change them; in between it was fitted
+    for end in (0, -1):
+        assert cal[end]["mAP"] == pytest.approx(raw[end]["mAP"], abs=1e-9)
+    assert any(fit for p in cal[1:-1] for fit in p["calibration"])  # one fit per seed, averaged curves
+    assert "mAP calibrated" in (out / "report.md").read_text()
+
+
 def test_sections_that_did_not_run_say_so(versions, compose, tmp_path):
     cfg = compose("report", _overrides(versions, tmp_path / "r", "mixed.enabled=false", "backfill.enabled=false", "plots=false"))
     report = build_report(cfg)

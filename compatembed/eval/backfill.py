@@ -112,6 +112,7 @@ def backfill_curve(
     fractions: Sequence[float],
     forward: bool = False,
     metrics: Sequence[str] = ("top1", "top5", "mAP", "mAP@R"),
+    calibrate: bool = False,
 ) -> list[dict[str, Any]]:
     """Upgrade the gallery from ``old_version`` to ``new_version`` in ``order`` and measure each fraction.
 
@@ -123,9 +124,12 @@ def backfill_curve(
         fractions: increasing fractions in [0, 1] at which to measure.
         forward: materialise the old segment into the new space first (needs a forward route).
         metrics: metric keys recorded per point.
+        calibrate: at each fraction, refit the per-route score calibration from the items already
+            upgraded (:meth:`MixedGallery.calibrate`) before measuring, as a deployment would.
 
     Returns:
-        One dict per fraction: ``fraction``, ``upgraded`` (item count), the metrics, ``routes``, ``skipped``.
+        One dict per fraction: ``fraction``, ``upgraded`` (item count), the metrics, ``routes``, ``skipped``
+        (and ``calibration``, the fitted routes, with ``calibrate``).
     """
     order = np.asarray(order, dtype=np.int64)
     if len(order) != len(gallery.ids) or not np.array_equal(np.sort(order), gallery.ids):
@@ -142,9 +146,12 @@ def backfill_curve(
         n = int(round(f * len(order)))
         gallery.upgrade(new_version, order[done:n])
         done = max(done, n)
+        fitted = gallery.calibrate(new_version) if calibrate else None
         result = gallery.evaluate(new_version)
         points.append({"fraction": f, "upgraded": done, **{m: result[m] for m in metrics},
                        "routes": result["routes"], "skipped": result["skipped"]})
+        if fitted is not None:
+            points[-1]["calibration"] = fitted
         _logger.debug("backfill %s → %s at %.0f%%: mAP %.4f", old_version, new_version, 100 * f, result.get("mAP", float("nan")))
     return points
 
@@ -162,5 +169,7 @@ def average_curves(curves: Sequence[list[dict[str, Any]]], metrics: Sequence[str
             row[f"{m}_std"] = float(values.std())
         row["routes"], row["skipped"] = points[0]["routes"], points[0]["skipped"]
         row["seeds"] = len(points)
+        if any("calibration" in p for p in points):
+            row["calibration"] = [p.get("calibration") for p in points]  # one fit per curve
         out.append(row)
     return out

@@ -165,6 +165,7 @@ class MixedGallery:
         n = len(self.ids)
         self.service = IndexService(root, max_k=max(n, 1), max_batch=max(n, self.batch_size, 1))
         self._loaded = False
+        self._stored_in = np.full(n, "", dtype=object)  # version whose segment holds each item
         try:
             with service_errors():
                 for directory in ancestor_dirs(version_dirs):
@@ -203,6 +204,7 @@ class MixedGallery:
                 ids = np.asarray(ids, dtype=np.int64)
                 if len(ids):
                     self.service.add(COLLECTION, vid, ids, self.vectors(vid, ids))
+                    self._stored_in[self._rows(ids)] = vid
 
     def upgrade(self, version: str, ids: np.ndarray) -> None:
         """Re-embed ``ids`` with ``version``: the service moves them to that version's segment."""
@@ -210,6 +212,46 @@ class MixedGallery:
         if len(ids):
             with service_errors():
                 self.service.upgrade(COLLECTION, version, ids, self.vectors(version, ids))
+            self._stored_in[self._rows(ids)] = version
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
+
+    def calibrate(self, version: str, *, max_items: int = 1000, k: int = 10, min_items: int = 10) -> dict[str, list[float]]:
+        """Fit the score calibration of every cross-version route of ``version``'s queries, as a deployment can.
+
+        The held-out queries are items stored in ``version``'s own segment (their stored vectors, their own
+        match left out) that are not among the evaluation queries, at most ``max_items`` of them, seeded.
+        Each other non-empty segment with a route gets ``IndexService.calibrate``'s moment matching.
+
+        Returns:
+            ``"query|segment"`` → [scale, shift] of every route fitted; empty when ``version``'s segment holds
+            fewer than ``min_items`` such items (nothing to fit from: the merge stays uncalibrated).
+        """
+        with service_errors():
+            self.service.collection(COLLECTION).clear_calibration()
+        evaluated = np.zeros(len(self.ids), bool)
+        evaluated[self.query_rows] = True
+        rows = np.flatnonzero((self._stored_in == version) & ~evaluated)
+        if len(rows) < min_items:
+            _logger.info("calibration of %s skipped: %d held-out items in its segment (< %d)", version, len(rows), min_items)
+            return {}
+        if len(rows) > max_items:
+            rows = np.sort(np.random.default_rng(0).choice(rows, size=max_items, replace=False))
+        from compatembed_index.errors import NoRouteError
+
+        fitted: dict[str, list[float]] = {}
+        for segment, count in self.composition().items():
+            if segment == version or count == 0:
+                continue
+            with service_errors():
+                try:
+                    scale, shift = self.service.calibrate(COLLECTION, version, segment, self.vectors(version)[rows], k,
+                                                          query_ids=self.ids[rows])
+                except NoRouteError:
+                    continue  # the search skips this segment: nothing to calibrate
+            fitted[f"{version}|{segment}"] = [scale, shift]
+        return fitted
 
     def materialise(self, source: str, target: str) -> dict[str, Any]:
         """Forward-upgrade the stored ``source`` vectors into ``target``'s space (no images needed)."""

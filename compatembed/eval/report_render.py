@@ -165,6 +165,13 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                    f"stored in the index service and searched by `{mixed['query']}` queries through the service's own "
                    f"search path (full ranking, k = gallery size; {mixed.get('num_queries', '?')} queries). {mixed.get('note', '')}".rstrip())
         out.append("")
+        calibrated = any("calibrated" in r for r in mixed["rows"])
+        if calibrated:
+            out.append("`calibrated`: the same gallery searched again after the service fitted each cross-version "
+                       "route's score calibration (`IndexService.calibrate`: moment matching of top-k scores) from "
+                       f"`{mixed['query']}` items stored in the gallery that are not evaluation queries (their own match "
+                       "left out); — where the query version stores too few items to fit it.")
+            out.append("")
         rows = []
         for r in mixed["rows"]:
             split = ", ".join(f"{100 * f:.0f}% `{v}`" for v, f in r["fractions"].items() if f > 0)
@@ -172,9 +179,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             if r.get("skipped"):
                 parts.append("skipped (no route, ranked last): " + ", ".join(r["skipped"]))
             routes = "; ".join(parts)
-            rows.append([split, *(_pct(r[m]) for m in metrics), routes])
-        out.append(_table(["gallery", *(_LABELS.get(m, m) for m in metrics), "routes"], rows,
-                          ["---"] + ["---:"] * len(metrics) + ["---"]))
+            cal = [_pct(r["calibrated"][m]) if "calibrated" in r else "—" for m in metrics] if calibrated else []
+            rows.append([split, *(_pct(r[m]) for m in metrics), *cal, routes])
+        labels = [_LABELS.get(m, m) for m in metrics]
+        out.append(_table(["gallery", *labels, *(f"{label} calibrated" for label in labels if calibrated), "routes"], rows,
+                          ["---"] + ["---:"] * (len(metrics) * (2 if calibrated else 1)) + ["---"]))
     else:
         out.append(f"Not run ({(mixed or {}).get('reason', 'mixed.enabled=false')}).")
         out.append("")

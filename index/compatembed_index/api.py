@@ -261,9 +261,9 @@ class IndexService:
         return self.collection(collection).materialise(source, target)
 
     def calibrate(self, collection: str, query_version: str, segment_version: str, queries: Any,
-                  k: int = 10) -> tuple[float, float]:
+                  k: int = 10, *, query_ids: Any = None) -> tuple[float, float]:
         """Fit one route's score calibration. See :meth:`Collection.calibrate`."""
-        return self.collection(collection).calibrate(query_version, segment_version, queries, k)
+        return self.collection(collection).calibrate(query_version, segment_version, queries, k, query_ids=query_ids)
 
     def snapshot(self, collection: str | None = None) -> list[str]:
         """Snapshot one collection (or all); returns the snapshot directories."""

@@ -109,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--source", required=True)
     s.add_argument("--target", required=True)
 
+    s = sub.add_parser("calibrate", help="fit the score calibration of one cross-version route from held-out queries")
+    s.add_argument("name")
+    s.add_argument("--query-version", required=True, help="version of the held-out queries")
+    s.add_argument("--segment-version", required=True, help="the segment whose route is calibrated")
+    s.add_argument("--queries", required=True, help=".npy (Q, D) float32 held-out queries")
+    s.add_argument("--query-ids", default=None,
+                   help=".npy (Q,) ids of the queries when they are stored items (their own match is left out)")
+    s.add_argument("-k", type=int, default=10, help="top scores per query that enter the moments")
+
     s = sub.add_parser("snapshot", help="write FAISS snapshots (all collections by default)")
     s.add_argument("name", nargs="?")
 
@@ -197,6 +206,11 @@ def _run(args: argparse.Namespace) -> Any:
             return out
         if c == "materialise":
             return svc.materialise(args.name, args.source, args.target)
+        if c == "calibrate":
+            q = _load_npy(args.queries, "queries")
+            own = _load_npy(args.query_ids, "query ids") if args.query_ids else None
+            scale, shift = svc.calibrate(args.name, args.query_version, args.segment_version, q, args.k, query_ids=own)
+            return {"route": f"{args.query_version}|{args.segment_version}", "scale": scale, "shift": shift}
         if c == "snapshot":
             return {"snapshots": svc.snapshot(args.name)}
         if c == "stats":

@@ -84,6 +84,14 @@ class IndexClient:
         """Forward-upgrade a segment."""
         return self._call("POST", f"/collections/{collection}/materialise", {"source": source, "target": target})
 
+    def calibrate(self, collection: str, query_version: str, segment_version: str, queries: Any, k: int = 10,
+                  *, query_ids: Any = None) -> tuple[float, float]:
+        """Fit one route's score calibration from held-out queries; returns (scale, shift)."""
+        body = {"query_version": query_version, "segment_version": segment_version, "vectors": _rows(queries), "k": k,
+                "ids": None if query_ids is None else _ids(query_ids)}
+        r = self._call("POST", f"/collections/{collection}/calibrate", body)
+        return r["scale"], r["shift"]
+
     def set_alias(self, alias: str, collection: str) -> None:
         """Point an alias at a collection."""
         self._call("PUT", f"/aliases/{alias}", {"collection": collection})

@@ -44,6 +44,17 @@ from compatembed_index.validation import as_ids, as_matrix, as_metadata, check_f
 _logger = logging.getLogger(__name__)
 
 
+def _top_k_scores(result: tuple[np.ndarray, np.ndarray, np.ndarray], own: np.ndarray | None, k: int) -> np.ndarray:
+    """(Q, k) scores of a search, each query's own item (``own[i]``) removed when ids are given."""
+    scores, ids = result[0], result[1]
+    if own is None:
+        return scores[:, :k]
+    keep = ids != own[:, None]
+    # stable: the kept entries stay in rank order; rows that never met their own item drop their last
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(np.where(keep, scores, -np.inf), order, 1)
+
+
 @dataclass
 class CollectionConfig:
     """How a collection builds its segments (persisted with the collection).
@@ -516,7 +527,8 @@ class Collection:
             self.config.calibration = {}
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
 
-    def calibrate(self, query_version: str, segment_version: str, queries: Any, k: int = 10) -> tuple[float, float]:
+    def calibrate(self, query_version: str, segment_version: str, queries: Any, k: int = 10,
+                  *, query_ids: Any = None) -> tuple[float, float]:
         """Fit the score map of one cross-version route by moment matching on held-out queries.
 
         The top-k scores that held-out queries (Q, D) of ``query_version`` get from segment
@@ -525,11 +537,21 @@ class Collection:
         through a transform typically score lower than same-version matches; without this, merging by
         raw score would under-rank the older segment.
 
+        Args:
+            query_version: version of the held-out queries.
+            segment_version: the segment whose route is calibrated.
+            queries: (Q, D) held-out queries of ``query_version``.
+            k: how many top scores per query enter the moments.
+            query_ids: (Q,) ids of the queries when they are items of this collection (e.g. a sample of
+                the stored items): each query's match with its own item is left out, which would
+                otherwise put a score of 1 into the reference moments.
+
         Returns:
             (scale, shift), also stored in the collection config.
 
         Raises:
-            InvalidInputError: the query version's own segment is empty, or the two versions are the same.
+            InvalidInputError: the query version's own segment is empty, the two versions are the same,
+                or ``query_ids`` does not give one unique id per query.
         """
         if query_version == segment_version:
             raise InvalidInputError("calibration maps a cross-version route; the versions must differ")
@@ -539,6 +561,9 @@ class Collection:
         q = as_matrix(queries, v.dim, what="queries", version=query_version, max_rows=self.max_batch)
         if v.normalized:
             q = normalize_rows(q, what="queries")
+        own = None
+        if query_ids is not None:
+            own = as_ids(query_ids, len(q))
         with self.lock.read():
             plans, _ = self._plan(query_version, allow_partial=True, calibrated=False)
             by_v = {p.version: p for p in plans}
@@ -548,9 +573,12 @@ class Collection:
                 )
             if segment_version not in by_v:
                 raise NoRouteError(f"no route from version {query_version} to segment {segment_version}")
-            ref = self._search_plans([by_v[query_version]], q, k)[0]
-            got = self._search_plans([by_v[segment_version]], q, k)[0]
+            extra = 0 if own is None else 1
+            ref = _top_k_scores(self._search_plans([by_v[query_version]], q, k + extra), own, k)
+            got = _top_k_scores(self._search_plans([by_v[segment_version]], q, k + extra), own, k)
         ref, got = ref[np.isfinite(ref)], got[np.isfinite(got)]
+        if ref.size == 0 or got.size == 0:
+            raise InvalidInputError(f"cannot calibrate {query_version}|{segment_version}: no scores to match")
         sd_got = float(got.std())
         scale = float(ref.std()) / sd_got if sd_got > 1e-12 else 1.0
         scale = scale if scale > 0 else 1.0

@@ -111,6 +111,7 @@ class CalibrateBody(_Body):
     segment_version: str
     vectors: Matrix
     k: int = 10
+    ids: list[int] | None = None  # ids of the queries when they are stored items (their own match is left out)
 
 
 class CalibrationBody(_Body):
@@ -356,7 +357,8 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
 
     @app.post("/collections/{name}/calibrate", dependencies=write)
     async def calibrate(name: str, body: CalibrateBody) -> dict[str, Any]:
-        scale, shift = await run(svc().calibrate, name, body.query_version, body.segment_version, body.vectors, body.k)
+        scale, shift = await run(svc().calibrate, name, body.query_version, body.segment_version, body.vectors, body.k,
+                                 query_ids=body.ids)
         return {"scale": scale, "shift": shift}
 
     @app.put("/collections/{name}/calibration", dependencies=write)

@@ -41,6 +41,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     code, out, _ = run("search", "g", "--version", "v3", "--queries", str(tmp_path / "x3.npy"), "-k", "3")
     assert code == 0 and [r[0]["id"] for r in out["results"]] == [0, 1, 2, 3, 4]
     assert out["routes"] == {"v1": "query:v3>v2>v1", "v3": "direct"}
+    code, out, _ = run("calibrate", "g", "--query-version", "v3", "--segment-version", "v1", "--queries",
+                       str(tmp_path / "x3.npy"), "--query-ids", str(tmp_path / "ids3.npy"), "-k", "2")
+    assert code == 0 and out["route"] == "v3|v1" and out["scale"] > 0
+    assert run("stats", "g")[1]["calibration"] == {"v3|v1": [out["scale"], out["shift"]]}
     assert run("materialise", "g", "--source", "v1", "--target", "v3")[1]["vectors"] == 35
     assert len(run("snapshot", "g")[1]["snapshots"]) == 1
     assert run("alias", "live", "g")[0] == 0
@@ -58,7 +62,7 @@ def test_help_mentions_every_command(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("register", "create", "add", "search", "upgrade", "materialise", "snapshot", "stats", "serve"):
+    for cmd in ("register", "create", "add", "search", "upgrade", "materialise", "calibrate", "snapshot", "stats", "serve"):
         assert cmd in text
 
 

@@ -259,6 +259,29 @@ def test_fitted_calibration_matches_score_moments(chain):
     assert abs(got.mean() - ref.mean()) < 1e-4 and abs(got.std() - ref.std()) < 1e-4
 
 
+def test_calibration_from_stored_items_leaves_out_their_own_match(chain):
+    """Held-out queries that are stored v3 items: the moments match a brute-force oracle without self-matches."""
+    svc = _service(chain)
+    data = _fill(svc)
+    ids3, x3 = data["v3"]
+    rows = np.arange(0, 100, 3)
+    k = 5
+    scale, shift = svc.calibrate("g", "v3", "v1", x3[rows], k=k, query_ids=ids3[rows])
+    qn = normalize(x3[rows])
+    own = qn @ normalize(x3).T
+    own[np.arange(len(rows)), rows] = -np.inf  # the query's own item is left out
+    ref = -np.sort(-own, axis=1)[:, :k]
+    cross = -np.sort(-(chain.q_to(x3[rows], "v1") @ normalize(data["v1"][1]).T), axis=1)[:, :k]
+    want_scale = ref.std() / cross.std()
+    assert scale == pytest.approx(want_scale, rel=1e-4)
+    assert shift == pytest.approx(ref.mean() - want_scale * cross.mean(), abs=1e-4)
+    # without the ids, every query's best own-segment score is its own item (1.0): a different, biased fit
+    biased_scale, _ = svc.calibrate("g", "v3", "v1", x3[rows], k=k)
+    assert biased_scale != pytest.approx(scale, rel=1e-3)
+    with pytest.raises(InvalidInputError, match="ids for"):
+        svc.calibrate("g", "v3", "v1", x3[rows], k=k, query_ids=ids3[rows][:-1])
+
+
 def test_aliases_switch_atomically(chain):
     svc = _service(chain)
     svc.create_collection("g2")

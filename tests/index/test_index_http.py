@@ -129,6 +129,8 @@ def test_collection_lifecycle_upgrade_materialise_alias(served):
     c.upgrade("h", "v3", [0, 1], rng.normal(size=(2, 32)))
     info = c.materialise("h", "v1", "v3")
     assert info["vectors"] == 28
+    scale, shift = c.calibrate("h", "v3", "v1", rng.normal(size=(4, 32)), k=3)
+    assert scale > 0 and c.stats("h")["calibration"] == {"v3|v1": [scale, shift]}
     c.set_alias("live", "h")
     st = c.stats("live")
     assert st["segments"]["v3"]["ntotal"] == 2 and st["materialised"][0]["ntotal"] == 28
