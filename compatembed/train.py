@@ -61,6 +61,36 @@ def _train_classes(dataset: Dataset, num_classes: int) -> list[int]:
     return list(selected) if selected is not None else list(range(num_classes))
 
 
+def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
+    """Build ``cfg.model`` and ``cfg.method`` and run the method's setup (frozen models, teacher features).
+
+    Shared by :func:`train` and the step-time benchmark (``tools/bench_step_time.py``), so both time
+    exactly the method that training runs.
+
+    Returns:
+        The method after ``setup``, the training set (augmented view) and the method context.
+    """
+    model = instantiate(cfg.model)
+    train_set = build_dataset(cfg.data, "train", transform=build_transform(model.preprocessing, train=True, augment=cfg.data.augment))
+    if len(train_set) == 0:
+        raise ConfigError("the training split is empty after class selection")
+    method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
+    loader_cfg = cfg.data.loader
+    ctx = MethodContext(
+        train_set=train_set,
+        eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
+        num_classes=int(cfg.data.num_classes),
+        train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
+        device=resolve_device(cfg.trainer.device),
+        batch_size=int(loader_cfg.eval_batch_size),
+        num_workers=int(loader_cfg.num_workers),
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
+    )
+    method.setup(ctx)
+    return method, train_set, ctx
+
+
 def train(cfg: DictConfig) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` and write the model version to ``cfg.output_dir``.
 
@@ -72,27 +102,11 @@ def train(cfg: DictConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
-    model_cfg: dict[str, Any] = OmegaConf.to_container(cfg.model, resolve=True)  # type: ignore[assignment]
-    model = instantiate(cfg.model)
-    preprocessing = model.preprocessing
-    train_set = build_dataset(cfg.data, "train", transform=build_transform(preprocessing, train=True, augment=cfg.data.augment))
-    if len(train_set) == 0:
-        raise ConfigError("the training split is empty after class selection")
-    method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
-    device = resolve_device(cfg.trainer.device)
+    method, train_set, ctx = prepare_method(cfg)
+    model_cfg: dict[str, Any] = ctx.model_config
+    preprocessing = method.model.preprocessing
+    device = ctx.device
     loader_cfg = cfg.data.loader
-    ctx = MethodContext(
-        train_set=train_set,
-        eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
-        num_classes=int(cfg.data.num_classes),
-        train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
-        device=device,
-        batch_size=int(loader_cfg.eval_batch_size),
-        num_workers=int(loader_cfg.num_workers),
-        model_config=model_cfg,
-        cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
-    )
-    method.setup(ctx)
     frozen_before = method.frozen_hashes()
 
     batch_size = int(loader_cfg.batch_size)
