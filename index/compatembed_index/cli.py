@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-version factory override (repeatable)")
     s.add_argument("--search-params", default="", help="FAISS search parameters, e.g. nprobe=16 or efSearch=64")
     s.add_argument("--train-size", type=int, default=None, help="vectors to collect before training IVF/PQ")
-    s.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    s.add_argument("--device", choices=("cpu", "gpu", "auto"), default="cpu",
+                   help="where segments live: gpu needs faiss-gpu and a GPU; auto uses one when faiss-gpu sees it")
 
     for name, helptext in (("add", "add items of one model version"),
                            ("upgrade", "move existing items to a newer version (partial backfill)")):

@@ -37,7 +37,7 @@ from compatembed_index.errors import (
 )
 from compatembed_index.registry import Route, VersionRegistry
 from compatembed_index.rwlock import RWLock
-from compatembed_index.segment import Segment
+from compatembed_index.segment import DEVICES, Segment
 from compatembed_index.store import Store
 from compatembed_index.validation import as_ids, as_matrix, as_metadata, check_float, check_k, normalize_rows
 
@@ -64,7 +64,7 @@ class CollectionConfig:
         factories: per-version overrides of ``factory``.
         search_params: FAISS ParameterSpace string applied to trained segments (``nprobe=16``).
         train_size: vectors collected before training an index that needs it (None: FAISS-guided default).
-        device: ``cpu`` or ``gpu``.
+        device: ``cpu``, ``gpu`` or ``auto`` (GPU where faiss-gpu sees one, else CPU: one config for both hosts).
         materialised: forward-upgraded copies kept, as ``[source, target]`` pairs.
         calibration: ``"<query version>|<segment version>"`` → ``[scale, shift]`` applied to route scores.
     """
@@ -89,8 +89,8 @@ class CollectionConfig:
             raise ConfigError("factory must be a string and factories a mapping of version → factory string")
         if cfg.train_size is not None and (not isinstance(cfg.train_size, int) or cfg.train_size < 1):
             raise ConfigError(f"train_size must be a positive integer, got {cfg.train_size!r}")
-        if cfg.device not in ("cpu", "gpu"):
-            raise ConfigError(f"device must be 'cpu' or 'gpu', got {cfg.device!r}")
+        if cfg.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -726,7 +726,8 @@ class Collection:
                 "name": self.name,
                 "items": len(self._where),
                 "segments": {v: {"ntotal": s.ntotal, "factory": s.factory, "trained": s.trained,
-                                 "dim": s.dim, "metric": s.metric} for v, s in sorted(self.segments.items())},
+                                 "dim": s.dim, "metric": s.metric, "device": s.device}
+                             for v, s in sorted(self.segments.items())},
                 "materialised": [{"source": s, "target": t, "ntotal": c.ntotal}
                                  for (s, t), c in sorted(self.copies.items())],
                 "calibration": dict(self.config.calibration),

@@ -37,6 +37,22 @@ def _gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+DEVICES = ("cpu", "gpu", "auto")
+
+
+def resolve_device(device: str) -> str:
+    """``cpu`` or ``gpu`` for a configured ``cpu``/``gpu``/``auto`` (auto: the GPU when faiss-gpu sees one).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "gpu" if _gpu_available() else "cpu"
+    return device
+
+
 class Segment:
     """A FAISS index over one embedding space, addressed by int64 ids.
 
@@ -48,7 +64,8 @@ class Segment:
             default from the factory: 39 × nlist for IVF, 9984 with PQ, at least 256).
         search_params: FAISS ParameterSpace string applied at search time, e.g. ``nprobe=16`` or
             ``efSearch=64``.
-        device: ``cpu`` or ``gpu`` (the trained index is moved to GPU 0; needs faiss-gpu and a GPU).
+        device: ``cpu``, ``gpu`` (the trained index is moved to GPU 0; needs faiss-gpu and a GPU) or
+            ``auto`` (``gpu`` where faiss-gpu sees a GPU, else ``cpu``; :attr:`device` holds the choice).
 
     Raises:
         ConfigError: the factory string, metric, search parameters or device cannot be used.
@@ -66,8 +83,7 @@ class Segment:
     ) -> None:
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
-        if device not in ("cpu", "gpu"):
-            raise ConfigError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        device = resolve_device(device)
         if device == "gpu" and not _gpu_available():
             raise ConfigError("device 'gpu' requested but this faiss build has no GPU support or sees no GPU")
         self.dim = int(dim)

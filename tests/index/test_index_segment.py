@@ -127,6 +127,46 @@ def test_gpu_without_gpu_is_a_config_error():
         Segment(16, "Flat", "ip", device="gpu")
 
 
+def test_auto_device_resolves_to_what_faiss_sees_and_searches_like_cpu():
+    from compatembed_index.segment import _gpu_available
+
+    ids, x = _data(n=300)
+    auto, cpu = Segment(16, "IVF4,Flat", "ip", train_size=200, search_params="nprobe=4", device="auto"), \
+        Segment(16, "IVF4,Flat", "ip", train_size=200, search_params="nprobe=4", device="cpu")
+    assert auto.device == ("gpu" if _gpu_available() else "cpu") and cpu.device == "cpu"
+    for seg in (auto, cpu):
+        seg.add(ids, x)
+    d_auto, i_auto = auto.search(x[:20], 5)
+    d_cpu, i_cpu = cpu.search(x[:20], 5)
+    np.testing.assert_array_equal(i_auto, i_cpu)
+    np.testing.assert_allclose(d_auto, d_cpu, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match="device must be one of cpu, gpu, auto"):
+        Segment(16, "Flat", "ip", device="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat"])
+def test_gpu_segment_matches_the_cpu_one(factory):
+    """On a host with faiss-gpu and a GPU (pytest -m gpu): the same results from GPU 0, and deletes apply."""
+    from compatembed_index.segment import _gpu_available
+
+    if not _gpu_available():
+        pytest.skip("needs faiss-gpu and a visible GPU (this faiss build or host has none)")
+    ids, x = _data(n=400)
+    kw = {"train_size": 200, "search_params": "nprobe=4" if "IVF" in factory else ""}
+    gpu, cpu = Segment(16, factory, "ip", device="gpu", **kw), Segment(16, factory, "ip", device="cpu", **kw)
+    for seg in (gpu, cpu):
+        seg.add(ids, x)
+    assert gpu.device == "gpu"
+    d_gpu, i_gpu = gpu.search(x[:50], 5)
+    d_cpu, i_cpu = cpu.search(x[:50], 5)
+    np.testing.assert_array_equal(i_gpu, i_cpu)
+    np.testing.assert_allclose(d_gpu, d_cpu, rtol=1e-4, atol=1e-5)
+    gone = ids[:10]
+    assert gpu.remove(gone) == 10
+    assert not np.isin(gpu.search(x[:50], 5)[1], gone).any()
+
+
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "IVF4,SQ8", "PQ4x4"])
 def test_removal_keeps_the_remaining_ids_right(factory):
     ids, x = _data(n=400)
