@@ -107,3 +107,26 @@ def test_bad_input_is_one_clear_line(args, message, tmp_path):
     assert last.startswith("error: ") and message in last, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "runs" / "model" / "manifest.json").exists()  # nothing half-written
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["independent", "oca"])
+def test_cuda_training_step_with_bf16_writes_a_version_that_reloads_on_the_gpu(method, compose, tmp_path, request):
+    """On a CUDA host (pytest -m gpu): the training loop runs under bf16 autocast and the version reloads there."""
+    import torch
+
+    from compatembed.models.version import load_model_version
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device (this host has none)")
+    versions = request.getfixturevalue("versions")
+    extra = ["model.embed_dim=48", f"method.old_version={versions['new']}"] if method == "oca" else []
+    out = train(compose("train", TINY + [f"method={method}", "trainer=gpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=4",
+                                         "trainer.checkpoint=false", f"version_id=gpu_{method}", f"output_dir={tmp_path / method}",
+                                         *extra]))
+    loaded = load_model_version(out, map_location="cuda")
+    with torch.no_grad():
+        emb = loaded.model.embed(torch.randn(4, 3, 32, 32, device="cuda"))
+    assert emb.device.type == "cuda" and torch.isfinite(emb).all()
+    summary = loaded.manifest["training"]["summary"]
+    assert summary["train/step_time_s"] > 0 and np.isfinite(list(summary.values())).all()
