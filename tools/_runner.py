@@ -35,12 +35,14 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True, log_dir: Path | None = None) -> dict[str, Any]:
+def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True, log_dir: Path | None = None,
+          name: str | None = None) -> dict[str, Any]:
     """Run ``compatembed-train experiment=<experiment>`` in a subprocess; returns wall time and the manifest.
 
-    With ``reuse`` an existing complete version directory (manifest present) is not trained again.
+    The version directory is ``runs/<name or experiment>``. With ``reuse`` an existing complete version
+    directory (manifest present) is not trained again.
     """
-    version_dir = runs / experiment
+    version_dir = runs / (name or experiment)
     manifest_path = version_dir / "manifest.json"
     if reuse and manifest_path.is_file():
         print(f"[reuse] {experiment}: {version_dir}", flush=True)

@@ -16,6 +16,8 @@ same run.
 from __future__ import annotations
 
 import argparse
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -66,8 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-post-hoc", action="store_true",
                         help="train the new model of lambda_orth/fct inside their run (default: reuse the independent "
                              "new model and only fit the map, as deployments do)")
+    parser.add_argument("--variant", action="append", default=[], metavar="'METHOD KEY=VALUE ...'",
+                        help="also train METHOD with these Hydra overrides, as its own row and version directory "
+                             "(repeatable), e.g. --variant 'oca method.influence_scale=10'")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
+    variants = []
+    for text in args.variant:
+        method, *extra = shlex.split(text)
+        if method not in METHODS or not extra or not all("=" in o for o in extra):
+            parser.error(f"--variant {text!r}: want a method ({', '.join(METHODS)}) followed by KEY=VALUE overrides")
+        variants.append((method, extra))
     reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
     prefix = "cifar10_external_" if args.scenario == "external" else "cifar10_"
     old_name = "cifar10_external_old" if args.scenario == "external" else "cifar10_independent_old"
@@ -85,23 +96,36 @@ def main(argv: list[str] | None = None) -> int:
     rows = [summarise("independent", indep_report, independent_self, 1.0, indep["wall_s"])]
     name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
     failed: dict[str, str] = {}
-    for method in args.methods:
+    jobs = [(method, method, prefix + method, []) for method in args.methods]
+    jobs += [(method, f"{method} ({' '.join(extra)})", prefix + method + "__" + _slug(extra), extra) for method, extra in variants]
+    for method, label, run_name, variant in jobs:
         extra = linked + ([f"method.new_reference_version={indep['version_dir']}"] if method == "bt2" else [])
         if method in POST_HOC and not args.retrain_post_hoc:
             extra += [f"method.new_version={indep['version_dir']}", "trainer.epochs=0"]
+        if variant:
+            extra += [f"version_id={run_name}", *variant]
         try:
-            run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse)
-            report = evaluate(run["version_dir"], old["version_dir"], reports_dir / (prefix + method), overrides=eval_overrides)
+            run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse, name=run_name)
+            report = evaluate(run["version_dir"], old["version_dir"], reports_dir / run_name, overrides=eval_overrides)
         except subprocess.CalledProcessError as exc:  # report the others; say which failed
-            failed[method] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
-            print(f"[failed] {method}: {failed[method]}", flush=True)
+            failed[label] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
+            print(f"[failed] {label}: {failed[label]}", flush=True)
             continue
         step = run["manifest"]["training"]["summary"].get("train/step_time_s")
         ratio = None if not (step and indep_step) else step / indep_step
-        rows.append(summarise(method, report, independent_self, ratio, run["wall_s"]))
+        rows.append(summarise(label, report, independent_self, ratio, run["wall_s"]))
         _write(args, name, old, rows, failed, argv)  # after every method: a cut-short run keeps what it measured
     _write(args, name, old, rows, failed, argv)
     return 1 if failed else 0
+
+
+def _slug(overrides: list[str]) -> str:
+    """A directory-name-safe tag of a variant's overrides (``method.influence_scale=10`` → ``influence_scale-10``)."""
+    parts = []
+    for o in overrides:
+        key, value = o.split("=", 1)
+        parts.append(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{key.rsplit('.', 1)[-1]}-{value}"))
+    return "__".join(parts)
 
 
 def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[dict[str, Any]], failed: dict[str, str], argv: list[str] | None) -> None:
@@ -152,9 +176,11 @@ def render(payload: dict[str, Any]) -> str:
         "",
         "ECC: the empirical compatibility criterion M(new, old) > M(old, old). Update gain: "
         "[M(new, old) − M(old, old)] / [M(indep. new, indep. new) − M(old, old)]. Step time: median seconds per "
-        "training step (data loading excluded) relative to the independent model, same run and machine; "
-        "post-hoc maps (lambda_orth, fct) reuse the independent new model unless run with --retrain-post-hoc, "
-        "so they have no training steps: their cost is the map fit, in the wall-time column.",
+        "training step (data loading excluded) of each training run relative to the independent model's run; runs "
+        "reused from earlier invocations may have met other load, so the like-for-like ratio is "
+        f"`docs/results/step_time_{payload['scenario']}.md` (`python -m tools.bench_step_time`, all methods back to back "
+        "in one process). Post-hoc maps (lambda_orth, fct) reuse the independent new model unless run with "
+        "--retrain-post-hoc, so they have no training steps: their cost is the map fit, in the wall-time column.",
         "",
         f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}.",
     ]
