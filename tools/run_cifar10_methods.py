@@ -39,8 +39,9 @@ def summarise(name: str, report: dict[str, Any], independent_self: dict[str, Any
     old_old, new_new, new_old = (_row(report["pairs"], q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
     gain = {}
     for metric in ("top1", "mAP"):
+        # undefined unless the independent new model beats the old one: there is no gain to share
         denominator = independent_self[metric] - old_old[metric]
-        gain[metric] = None if denominator == 0 else (new_old[metric] - old_old[metric]) / denominator
+        gain[metric] = None if denominator <= 0 else (new_old[metric] - old_old[metric]) / denominator
     return {
         "method": name,
         "version_id": report["query_version"],
@@ -175,7 +176,8 @@ def render(payload: dict[str, Any]) -> str:
     lines += [
         "",
         "ECC: the empirical compatibility criterion M(new, old) > M(old, old). Update gain: "
-        "[M(new, old) − M(old, old)] / [M(indep. new, indep. new) − M(old, old)]. Step time: median seconds per "
+        "[M(new, old) − M(old, old)] / [M(indep. new, indep. new) − M(old, old)], — when the independent new model does "
+        "not beat the old one (then no method can satisfy the criterion either). Step time: median seconds per "
         "training step (data loading excluded) of each training run relative to the independent model's run; runs "
         "reused from earlier invocations may have met other load, so the like-for-like ratio is "
         f"`docs/results/step_time_{payload['scenario']}.md` (`python -m tools.bench_step_time`, all methods back to back "
