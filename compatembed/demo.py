@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,16 @@ def run(args: argparse.Namespace) -> Path:
     data_cfg = _compose("eval", eval_o + ["query=unused", "gallery=unused"]).data
     extract = dict(device=args.device, progress=progress)
 
+    # The story starts from scratch every time: a rerun (other settings, or after a cut-short run) must not
+    # resume against versions or an index left by the previous one.
+    for part in ("old", "new", "index", "report"):
+        shutil.rmtree(out / part, ignore_errors=True)
     print(f"[1/5] training the old model on classes 0-4 ({args.per_class} images per class, {args.epochs} epochs) and deploying it")
     old_dir = train(_compose("train", common + old_o))
     old = load_or_extract(old_dir, data_cfg, "test", **extract)
     service = IndexService(out / "index", max_k=10)
     try:
         service.register_version(old_dir)
-        if "gallery" in service.list_collections():  # a rerun starts from a fresh deployment
-            service.drop_collection("gallery")
         service.create_collection("gallery", factory="Flat")
         service.add("gallery", "demo_old", old.ids, old.embeddings, [{"label": int(y)} for y in old.labels])
         service.set_alias("photos", "gallery")

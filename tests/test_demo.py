@@ -31,3 +31,12 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
         assert service.aliases() == {"photos": "gallery"}
         segments = service.stats("photos")["segments"]
         assert segments["demo_old"]["ntotal"] == segments["demo_new"]["ntotal"] == 50
+
+
+def test_demo_runs_again_over_its_own_output(tmp_path, capsys):
+    """A second `make demo` in the same folder: the retrained versions get new manifests, the deployment starts afresh."""
+    argv = ["--synthetic", "--out", str(tmp_path / "demo"), "--per-class", "10", "--epochs", "1", "--no-progress",
+            "--upgrade", "0.5", "--queries", "20"]
+    assert main(argv) == 0
+    assert main([*argv, "--epochs", "2"]) == 0  # more epochs: training continues, and the manifests change
+    assert "report: " in capsys.readouterr().out.splitlines()[-1]

@@ -87,6 +87,24 @@ def test_resume_continues_from_the_checkpoint(versions, compose, tmp_path):
     assert logged == [0, 1], epochs  # epoch 0 was not trained again
 
 
+def test_resume_against_a_changed_old_model_is_refused(versions, compose, tmp_path):
+    """A checkpoint records its frozen models' hashes: resuming after the old version changed would mix models."""
+    import shutil
+
+    from compatembed.errors import ConfigError
+    from compatembed.train import train
+
+    shutil.copytree(versions["old"], tmp_path / "old")
+    base = TINY + ["method=bct", f"method.old_version={tmp_path / 'old'}", "version_id=n", f"output_dir={tmp_path / 'n'}",
+                   f"paths.cache_dir={tmp_path / 'cache'}"]
+    train(compose("train", base + ["trainer.epochs=1"]))
+    shutil.rmtree(tmp_path / "old")
+    shutil.copytree(versions["new"], tmp_path / "old")  # "the old version was retrained"
+    with pytest.raises(ConfigError, match="trained against other frozen models .*old_model"):
+        train(compose("train", base + ["trainer.epochs=2"]))
+    train(compose("train", base + ["trainer.epochs=2", "trainer.resume=false"]))  # starting over is allowed
+
+
 def _cli(args: list[str], cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 

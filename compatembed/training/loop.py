@@ -138,6 +138,13 @@ def fit(
     start_epoch, step = 0, 0
     if config.resume and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        recorded, current = state.get("frozen"), method.frozen_hashes()
+        if recorded is not None and recorded != current:
+            changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            raise ConfigError(
+                f"{ckpt_path} was trained against other frozen models ({', '.join(changed)} changed since, e.g. the old "
+                f"version was retrained): remove {ckpt_path.parent} or set trainer.resume=false to start over"
+            )
         method.load_state_dict(state["method"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -213,6 +220,7 @@ def fit(
                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": _rng_state(),
+                    "frozen": method.frozen_hashes(),  # resuming against other frozen models is refused
                     "epoch": epoch,
                     "step": step,
                 },
