@@ -5,15 +5,35 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Sequence, TypeVar
 
 from compatembed.errors import CompatEmbedError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 T = TypeVar("T")
 
 # An absolute path: Hydra resolves a relative config_path against the package when the app runs
 # as a console script, where ../conf is no Python module.
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``config_name`` (``train``, ``eval``, ``report``...) from ``conf/`` with ``overrides``, outside ``@hydra.main``.
+
+    For code that runs several configs in one process (the demo, the tools, the tests): Hydra's global
+    state is cleared before and after, so calls never see each other's initialisation.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def user_error(exc: BaseException) -> CompatEmbedError | None:

@@ -25,21 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from compatembed.cli import CONF_DIR, run_cli
+from compatembed.cli import compose_config, run_cli
 
 _logger = logging.getLogger(__name__)
-
-
-def _compose(config_name: str, overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _train_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], list[str], list[str]]:
@@ -88,7 +76,7 @@ def run(args: argparse.Namespace) -> Path:
     eval_o = ["data=synthetic"] if args.synthetic else []
     if args.data_root:
         eval_o.append(f"paths.data_root={args.data_root}")
-    data_cfg = _compose("eval", eval_o + ["query=unused", "gallery=unused"]).data
+    data_cfg = compose_config("eval", eval_o + ["query=unused", "gallery=unused"]).data
     extract = dict(device=args.device, progress=progress)
 
     # The story starts from scratch every time: a rerun (other settings, or after a cut-short run) must not
@@ -96,7 +84,7 @@ def run(args: argparse.Namespace) -> Path:
     for part in ("old", "new", "index", "report"):
         shutil.rmtree(out / part, ignore_errors=True)
     print(f"[1/5] training the old model on classes 0-4 ({args.per_class} images per class, {args.epochs} epochs) and deploying it")
-    old_dir = train(_compose("train", common + old_o))
+    old_dir = train(compose_config("train", common + old_o))
     old = load_or_extract(old_dir, data_cfg, "test", **extract)
     service = IndexService(out / "index", max_k=10)
     try:
@@ -110,7 +98,7 @@ def run(args: argparse.Namespace) -> Path:
               f"old queries top-1 {100 * base:.1f}%")
 
         print(f"[2/5] training a compatible new model ({args.method.upper()}) on classes 0-9")
-        new_dir = train(_compose("train", common + new_o))
+        new_dir = train(compose_config("train", common + new_o))
         new = load_or_extract(new_dir, data_cfg, "test", **extract)
         service.register_version(new_dir)
         route = service.route("demo_new", "demo_old")
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> Path:
                          f"gate.metric={args.gate_metric}", f"device={args.device}", f"progress={str(progress).lower()}",
                          f"mixed.max_queries={args.report_queries}", "backfill.seeds=[0,1]",
                          "title='compatembed-demo: old model on classes 0-4 and a compatible new model on 0-9'"]
-    report = build_report(_compose("report", report_o))
+    report = build_report(compose_config("report", report_o))
     minutes = (time.perf_counter() - started) / 60
     gate = report["gate"]
     print()

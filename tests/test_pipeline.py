@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,13 @@ from compatembed.evaluate import evaluate
 from compatembed.extract import extract
 from compatembed.train import train
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 TINY = ["data=synthetic", "model=cifar_resnet20", "model.embed_dim=16", "trainer.progress=false", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory):
     """An old model on classes 0-4 and an independent new model on 0-9 (a few steps each)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from compatembed.cli import compose_config
 
     root = tmp_path_factory.mktemp("runs")
     out = {}
@@ -31,11 +28,7 @@ def versions(tmp_path_factory):
         ("old", ["data.classes=0-4", "trainer.epochs=2"]),
         ("new", ["trainer.epochs=2", f"method.old_version={root / 'old'}"]),
     ):
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # noqa: SIM117
-            cfg = compose("train", TINY + extra + [f"version_id={name}", f"output_dir={root / name}"])
-        out[name] = train(cfg)
-    GlobalHydra.instance().clear()
+        out[name] = train(compose_config("train", TINY + extra + [f"version_id={name}", f"output_dir={root / name}"]))
     return out
 
 

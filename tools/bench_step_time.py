@@ -21,7 +21,6 @@ Needs the version directories of the methods evidence (``runs/cifar10_independen
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -32,18 +31,6 @@ import numpy as np
 from tools._runner import REPO, machine, write_json
 
 METHODS = ("independent", "bct", "oca", "bt2", "lambda_orth", "fct")
-
-
-def _config(experiment: str, overrides: list[str]) -> Any:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            return compose(config_name="train", overrides=[f"experiment={experiment}", *overrides])
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.utils.data import DataLoader
 
+    from compatembed.cli import compose_config
     from compatembed.train import IndexedDataset, prepare_method, seed_everything
     from compatembed.training import NullLogger, TrainerConfig, fit, resolve_device
     from hydra.utils import instantiate
@@ -83,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = [] if name == "independent" else [f"method.old_version={old}"]
         if name == "bt2":
             extra.append(f"method.new_reference_version={indep}")
-        cfg = _config(experiment, [*extra, "trainer.progress=false", *args.overrides])
+        cfg = compose_config("train", [f"experiment={experiment}", *extra, "trainer.progress=false", *args.overrides])
         generator = seed_everything(int(cfg.seed))
         method, train_set, _ = prepare_method(cfg)
         loader = DataLoader(IndexedDataset(train_set), batch_size=int(cfg.data.loader.batch_size), shuffle=True,

@@ -84,17 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _compose_data(name: str, overrides: list[str]) -> Any:
-    """The ``data`` node of conf/eval.yaml composed with ``data=<name>`` and the overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """conf/eval.yaml composed with ``data=<name>`` and the overrides."""
+    from compatembed.cli import compose_config
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(config_name="eval", overrides=[f"data={name}", "query=-", "gallery=-", *overrides])
-    finally:
-        GlobalHydra.instance().clear()
-    return cfg
+    return compose_config("eval", [f"data={name}", "query=-", "gallery=-", *overrides])
 
 
 def _aligned(a: Any, b: Any, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

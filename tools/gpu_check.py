@@ -21,17 +21,13 @@ from tools._runner import machine
 def check_training_step(work: Path) -> dict[str, Any]:
     """Train the synthetic smoke config on CUDA with bf16 autocast and reload the exported version."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
 
+    from compatembed.cli import compose_config
     from compatembed.models.version import load_model_version
     from compatembed.train import train
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("train", ["data=synthetic", "model=resnet18_cifar", "trainer=gpu", "trainer.epochs=2",
-                                "trainer.progress=false", "version_id=gpu_check", f"output_dir={work / 'gpu_check'}"])
+    cfg = compose_config("train", ["data=synthetic", "model=resnet18_cifar", "trainer=gpu", "trainer.epochs=2",
+                                   "trainer.progress=false", "version_id=gpu_check", f"output_dir={work / 'gpu_check'}"])
     started = time.perf_counter()
     out = train(cfg)
     loaded = load_model_version(out, map_location="cuda")
