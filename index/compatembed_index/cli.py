@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require this key for writes (default: $COMPATEMBED_INDEX_API_KEY; none: writes open)")
     s.add_argument("--max-body-bytes", type=int, default=None)
     s.add_argument("--max-k", type=int, default=None)
+    s.add_argument("--no-access-log", action="store_true",
+                   help="no log line per request (saves server CPU; /metrics still counts every request)")
     return p
 
 
@@ -148,6 +150,8 @@ def _settings(args: argparse.Namespace) -> Any:
     for key in ("host", "port", "api_key", "max_body_bytes", "max_k"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
+    if getattr(args, "no_access_log", False):
+        overrides["access_log"] = False
     return IndexSettings(**overrides)
 
 
@@ -161,7 +165,8 @@ def _serve(args: argparse.Namespace) -> int:
         _logger.warning("no --data-dir: serving an in-memory index (nothing survives a restart)")
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         _logger.warning("binding %s without an API key: anyone who can reach it can write", settings.host)
-    uvicorn.run(create_app(None, settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(create_app(None, settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=settings.access_log)
     return 0
 
 

@@ -29,6 +29,8 @@ class IndexSettings(BaseSettings):
         keep_snapshots: snapshots kept per collection.
         snapshot_on_shutdown: snapshot every collection at a clean shutdown (shorter replay at restart).
         log_level: uvicorn and service log level.
+        access_log: one log line per request (uvicorn's access log). Off saves about a tenth of the
+            server's CPU per search; ``/metrics`` still counts and times every request.
     """
 
     model_config = SettingsConfigDict(env_prefix="COMPATEMBED_INDEX_", extra="forbid")
@@ -44,6 +46,7 @@ class IndexSettings(BaseSettings):
     keep_snapshots: int = Field(2, ge=1)
     snapshot_on_shutdown: bool = True
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
+    access_log: bool = True
 
     @model_validator(mode="after")
     def _no_unknown_env(self) -> IndexSettings:

@@ -72,7 +72,8 @@ def test_serve_binds_loopback_by_default(monkeypatch):
     from compatembed_index.cli import _settings
 
     s = _settings(args)
-    assert s.host == "127.0.0.1" and s.api_key is None
+    assert s.host == "127.0.0.1" and s.api_key is None and s.access_log
+    assert not _settings(build_parser().parse_args(["serve", "--no-access-log"])).access_log
 
 
 def test_api_key_from_env_and_unknown_settings_are_refused(monkeypatch):

@@ -75,10 +75,22 @@ def http(served):
 def test_probes_and_metrics(http):
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/ready").json() == {"ready": True}
-    http.get("/collections/g")
+    def count(text: str, series: str) -> float:
+        lines = [ln for ln in text.splitlines() if ln.startswith(series + " ")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    ok = 'compatembed_index_requests_total{method="GET",route="/collections/{name}",status="200"}'
+    missing = 'compatembed_index_requests_total{method="GET",route="/collections/{name}",status="404"}'
+    timed = 'compatembed_index_request_seconds_count{route="/collections/{name}"}'
+    before = http.get("/metrics").text
+    assert http.get("/collections/g").status_code == 200
+    assert http.get("/collections/nope").status_code == 404
     text = http.get("/metrics").text
     assert 'compatembed_index_items{collection="g"} 350.0' in text
-    assert "compatembed_index_requests_total" in text
+    # each request is counted once under its route template and the status the client saw, and timed
+    assert count(text, ok) == count(before, ok) + 1
+    assert count(text, missing) == count(before, missing) + 1
+    assert count(text, timed) == count(before, timed) + 2
 
 
 def test_http_search_equals_in_process_search(served, http):
