@@ -125,16 +125,25 @@ def bench_mixed(svc: IndexService, arrays: dict[str, Any], data: dict[str, tuple
 
     agree = float((raw_search() == svc_search()).mean())
     # interleave the three paths and keep the best time of each: on a shared machine the load drifts,
-    # and timing one path after the other would charge the drift to whichever ran later
-    t_raw = t_svc = t_svc_meta = float("inf")
-    for _ in range(repeats):
-        t_raw = min(t_raw, _timeit(raw_search, 1))
-        t_svc = min(t_svc, _timeit(svc_search, 1))
-        t_svc_meta = min(t_svc_meta, _timeit(lambda: svc.search("bench", "v3", q, k, include_metadata=True), 1))
-    return {"queries": len(q), "k": k, "gallery": {v: len(d[0]) for v, d in data.items()},
-            "raw_faiss_qps": len(q) / t_raw, "service_qps": len(q) / t_svc,
-            "service_qps_with_metadata": len(q) / t_svc_meta,
-            "ratio_service_to_raw": t_raw / t_svc, "ratio_with_metadata": t_raw / t_svc_meta,
+    # and timing one path after the other would charge the drift to whichever ran later. Each round times
+    # the three paths back to back (in a rotating order) and yields one paired ratio; the median of the
+    # rounds is the headline, their range shows how noisy the machine was.
+    paths = {"raw": raw_search, "svc": svc_search,
+             "meta": lambda: svc.search("bench", "v3", q, k, include_metadata=True)}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    for r in range(repeats):
+        for name in order[r % 3:] + order[: r % 3]:
+            times[name].append(_timeit(paths[name], 1))
+    t = {name: np.asarray(v) for name, v in times.items()}
+    ratio = t["raw"] / t["svc"]
+    ratio_meta = t["raw"] / t["meta"]
+    return {"queries": len(q), "k": k, "gallery": {v: len(d[0]) for v, d in data.items()}, "rounds": repeats,
+            "raw_faiss_qps": len(q) / t["raw"].min(), "service_qps": len(q) / t["svc"].min(),
+            "service_qps_with_metadata": len(q) / t["meta"].min(),
+            "ratio_service_to_raw": float(np.median(ratio)), "ratio_with_metadata": float(np.median(ratio_meta)),
+            "ratio_range": [float(ratio.min()), float(ratio.max())],
+            "ratio_with_metadata_range": [float(ratio_meta.min()), float(ratio_meta.max())],
             "identical_results_fraction": agree}
 
 
@@ -321,16 +330,19 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         "",
         f"Gallery {mx['gallery']} (v3 → v2 affine, v2 → v1 prefix, all `Flat`), {mx['queries']} v3 queries, k={mx['k']}.",
         "",
-        "| path | queries/s | ratio to raw |",
+        "| path | best queries/s | ratio to raw: median of rounds (min–max) |",
         "|---|---|---|",
         f"| raw FAISS (numpy transforms + merge) | {mx['raw_faiss_qps']:.0f} | 1.00 |",
-        f"| service, no metadata | {mx['service_qps']:.0f} | {mx['ratio_service_to_raw']:.2f} |",
-        f"| service, with metadata | {mx['service_qps_with_metadata']:.0f} | {mx['ratio_with_metadata']:.2f} |",
+        f"| service, no metadata | {mx['service_qps']:.0f} | {mx['ratio_service_to_raw']:.2f} "
+        f"({mx['ratio_range'][0]:.2f}–{mx['ratio_range'][1]:.2f}) |",
+        f"| service, with metadata | {mx['service_qps_with_metadata']:.0f} | {mx['ratio_with_metadata']:.2f} "
+        f"({mx['ratio_with_metadata_range'][0]:.2f}–{mx['ratio_with_metadata_range'][1]:.2f}) |",
         "",
         f"Identical result ids: {100 * mx['identical_results_fraction']:.2f}% (target ratio ≥ 0.9). All three paths run "
         "the same FAISS searches on the same vectors, the service adding query transforms, routing and a merge "
-        "(and a metadata lookup per hit); best-of-repeats times, interleaved. Ratios above 1 are this shared "
-        "machine's timing noise, not a faster service.",
+        f"(and a metadata lookup per hit). Each of {mx['rounds']} rounds times the three paths back to back in a "
+        "rotating order and gives one paired ratio; the spread of those ratios is this shared machine's noise "
+        "(a ratio above 1 is noise, not a faster service).",
         "",
         "## HTTP overhead (uvicorn on 127.0.0.1, one query per request, k=10)",
         "",

@@ -165,7 +165,6 @@ class MixedGallery:
         n = len(self.ids)
         self.service = IndexService(root, max_k=max(n, 1), max_batch=max(n, self.batch_size, 1))
         self._loaded = False
-        self._stored_in = np.full(n, "", dtype=object)  # version whose segment holds each item
         try:
             with service_errors():
                 for directory in ancestor_dirs(version_dirs):
@@ -204,7 +203,6 @@ class MixedGallery:
                 ids = np.asarray(ids, dtype=np.int64)
                 if len(ids):
                     self.service.add(COLLECTION, vid, ids, self.vectors(vid, ids))
-                    self._stored_in[self._rows(ids)] = vid
 
     def upgrade(self, version: str, ids: np.ndarray) -> None:
         """Re-embed ``ids`` with ``version``: the service moves them to that version's segment."""
@@ -212,10 +210,13 @@ class MixedGallery:
         if len(ids):
             with service_errors():
                 self.service.upgrade(COLLECTION, version, ids, self.vectors(version, ids))
-            self._stored_in[self._rows(ids)] = version
 
-    def _rows(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.ids, np.asarray(ids, dtype=np.int64))
+    def stored_versions(self) -> np.ndarray:
+        """(N,) the version whose segment holds each item, in id order, as the index service reports it."""
+        if not self._loaded:
+            raise EvalError("the gallery is not loaded yet (call load first)")
+        with service_errors():
+            return np.asarray(self.service.versions_of(COLLECTION, self.ids), dtype=object)
 
     def calibrate(self, version: str, *, max_items: int = 1000, k: int = 10, min_items: int = 10) -> dict[str, list[float]]:
         """Fit the score calibration of every cross-version route of ``version``'s queries, as a deployment can.
@@ -232,7 +233,7 @@ class MixedGallery:
             self.service.collection(COLLECTION).clear_calibration()
         evaluated = np.zeros(len(self.ids), bool)
         evaluated[self.query_rows] = True
-        rows = np.flatnonzero((self._stored_in == version) & ~evaluated)
+        rows = np.flatnonzero((self.stored_versions() == version) & ~evaluated)
         if len(rows) < min_items:
             _logger.info("calibration of %s skipped: %d held-out items in its segment (< %d)", version, len(rows), min_items)
             return {}

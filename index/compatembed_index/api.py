@@ -250,6 +250,10 @@ class IndexService:
         """Delete items; returns how many existed."""
         return self.collection(collection).delete(ids)[1]
 
+    def versions_of(self, collection: str, ids: Any) -> list[str | None]:
+        """The version whose segment holds each item (None where absent). See :meth:`Collection.versions_of`."""
+        return self.collection(collection).versions_of(ids)
+
     def search(self, collection: str, version: str, queries: Any, k: int = 10, *, allow_partial: bool = False,
                include_metadata: bool = True) -> SearchResult:
         """Mixed-version search. See :meth:`Collection.search`."""

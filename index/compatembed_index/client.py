@@ -74,6 +74,10 @@ class IndexClient:
         """Delete items; returns how many existed."""
         return self._call("POST", f"/collections/{collection}/points/delete", {"ids": _ids(ids)})["deleted"]
 
+    def versions_of(self, collection: str, ids: Any) -> list[str | None]:
+        """The version whose segment holds each item (None where absent)."""
+        return self._call("POST", f"/collections/{collection}/points/versions", {"ids": _ids(ids)})["versions"]
+
     def search(self, collection: str, version: str, queries: Any, k: int = 10, *,
                allow_partial: bool = False) -> dict[str, Any]:
         """Search; returns ``{"results": [[{id, score, version, metadata}, ...], ...], "routes", "skipped"}``."""

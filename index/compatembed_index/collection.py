@@ -717,7 +717,13 @@ class Collection:
 
     def version_of(self, item_id: int) -> str | None:
         """The version whose segment holds ``item_id`` (None when absent)."""
-        return self._where.get(int(item_id))
+        return self.versions_of([item_id])[0]
+
+    def versions_of(self, ids: Any) -> list[str | None]:
+        """The version whose segment holds each of ``ids`` (None where absent): what a backfill still has to do."""
+        arr = as_ids(ids, max_rows=self.max_batch)
+        with self.lock.read():
+            return [self._where.get(i) for i in arr.tolist()]
 
     def stats(self) -> dict[str, Any]:
         """Sizes, factories, copies, calibration, sequence numbers and load problems (JSON-ready)."""

@@ -91,8 +91,8 @@ class UpgradeBody(_Body):
     metadata: list[dict[str, Any] | None] | None = None
 
 
-class DeleteBody(_Body):
-    """Ids to delete."""
+class IdsBody(_Body):
+    """Ids of items (to delete, or to look up)."""
 
     ids: list[int]
 
@@ -366,8 +366,12 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         return {"added": len(body.ids), "seq": seq}
 
     @app.post("/collections/{name}/points/delete", dependencies=write)
-    async def delete_points(name: str, body: DeleteBody) -> dict[str, Any]:
+    async def delete_points(name: str, body: IdsBody) -> dict[str, Any]:
         return {"deleted": await run(svc().delete, name, body.ids)}
+
+    @app.post("/collections/{name}/points/versions")
+    async def point_versions(name: str, body: IdsBody) -> dict[str, Any]:
+        return {"versions": await run(svc().versions_of, name, body.ids)}
 
     @app.post("/collections/{name}/points/upgrade", dependencies=write)
     async def upgrade_points(name: str, body: UpgradeBody) -> dict[str, Any]:

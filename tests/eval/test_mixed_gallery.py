@@ -133,6 +133,7 @@ def test_mixed_gallery_equals_brute_force_oracle(chain, fractions):
     with MixedGallery([chain["dirs"]["v3"]], {v: chain["sets"][v] for v in versions}, topk=(1, 5), batch_size=16) as g:
         g.load({v: chain["ids"][owner_idx == i] for i, v in enumerate(versions)})
         assert sum(g.composition().values()) == G
+        assert g.stored_versions().tolist() == owner  # the index service's account of who holds what
         got = g.evaluate("v3")
     expect = oracle(chain, "v3", owner)
     for metric, value in expect.items():
@@ -226,3 +227,15 @@ def test_calibrated_merge_equals_oracle_with_moments_fitted_on_held_out_stored_i
         assert got[metric] == pytest.approx(value, abs=1e-6), metric
     # the calibration really moved the merge (else the oracle check above proves nothing new)
     assert any(got[m] != pytest.approx(raw[m], abs=1e-9) for m in ("mAP", "mAP@R", "top1", "top5"))
+
+
+def test_stored_versions_follow_upgrades(chain):
+    with MixedGallery([chain["dirs"]["v3"]], {v: chain["sets"][v] for v in ("v1", "v3")}) as g:
+        with pytest.raises(EvalError, match="not loaded"):
+            g.stored_versions()
+        g.load({"v1": chain["ids"]})
+        moved = chain["ids"][[0, 3, 7]]
+        g.upgrade("v3", moved)
+        expect = np.where(np.isin(g.ids, moved), "v3", "v1")
+        assert g.stored_versions().tolist() == expect.tolist()
+        assert g.composition() == {"v1": G - 3, "v3": 3}

@@ -134,6 +134,11 @@ def test_upgrade_moves_items_between_segments(chain):
     svc.upgrade("g", "v3", moved, new_x)
     coll = svc.collection("g")
     assert all(coll.version_of(i) == "v3" for i in moved)
+    # what a backfill still has to do: the untouched v1 items stay put, unknown ids have no version
+    kept = data["v1"][0][40:43]
+    assert svc.versions_of("g", [*moved[:2].tolist(), *kept.tolist(), 10**15]) == ["v3", "v3", "v1", "v1", "v1", None]
+    with pytest.raises(InvalidInputError, match="duplicate ids"):
+        svc.versions_of("g", [int(moved[0]), int(moved[0])])
     st = svc.stats("g")
     assert st["segments"]["v1"]["ntotal"] == 260 and st["segments"]["v3"]["ntotal"] == 140 and st["items"] == 600
     res = svc.search("g", "v3", new_x[:5], k=1)

@@ -139,6 +139,7 @@ def test_collection_lifecycle_upgrade_materialise_alias(served):
     rng = np.random.default_rng(2)
     c.add("h", "v1", np.arange(30), rng.normal(size=(30, 16)))
     c.upgrade("h", "v3", [0, 1], rng.normal(size=(2, 32)))
+    assert c.versions_of("h", [1, 2, 999]) == ["v3", "v1", None]
     info = c.materialise("h", "v1", "v3")
     assert info["vectors"] == 28
     scale, shift = c.calibrate("h", "v3", "v1", rng.normal(size=(4, 32)), k=3)
@@ -198,6 +199,10 @@ MALFORMED = [
     ("POST", "/collections/g/points", {"version": "v1", "ids": [], "vectors": []}),
     ("POST", "/collections/g/points/upgrade", {"version": "v3", "ids": [77_777], "vectors": V3}),
     ("POST", "/collections/g/points/delete", {"ids": "all"}),
+    ("POST", "/collections/g/points/versions", {"ids": [3, 3]}),
+    ("POST", "/collections/g/points/versions", {"ids": []}),
+    ("POST", "/collections/g/points/versions", {"ids": list(range(501))}),
+    ("POST", "/collections/nope/points/versions", {"ids": [1]}),
     ("POST", "/collections/g/materialise", {"source": "v3", "target": "v1"}),
     ("POST", "/collections/g/materialise", {"source": "v1", "target": "v1"}),
     ("POST", "/collections", {"name": "g"}),
