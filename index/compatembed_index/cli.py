@@ -10,6 +10,7 @@ Examples::
     compatembed-index --data-dir gallery create photos --factory HNSW32
     compatembed-index --data-dir gallery add photos --version v1 --vectors emb.npy --ids ids.npy
     compatembed-index --data-dir gallery search photos --version v2 --queries q.npy -k 10
+    compatembed-index --data-dir gallery locate photos --ids ids.npy
     compatembed-index --data-dir gallery serve --port 8080 --api-key "$KEY"
 """
 
@@ -96,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("delete", help="delete items")
     s.add_argument("name")
     s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
+
+    s = sub.add_parser("locate", help="which version holds each item (what a partial backfill still has to do)")
+    s.add_argument("name")
+    s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
+    s.add_argument("--out", help="write the per-item versions here as JSON; stdout then gets the counts only")
 
     s = sub.add_parser("search", help="search with queries of one model version")
     s.add_argument("name")
@@ -202,6 +208,16 @@ def _run(args: argparse.Namespace) -> Any:
             return {c: int(len(ids)), "seq": seq}
         if c == "delete":
             return {"deleted": svc.delete(args.name, _load_npy(args.ids, "ids"))}
+        if c == "locate":
+            ids = _load_npy(args.ids, "ids")
+            versions = svc.versions_of(args.name, ids)
+            counts: dict[str, int] = {}
+            for v in versions:
+                counts[v or "absent"] = counts.get(v or "absent", 0) + 1
+            if args.out:
+                Path(args.out).write_text(json.dumps({"ids": ids.tolist(), "versions": versions}))
+                return {"counts": counts, "written": args.out}
+            return {"counts": counts, "versions": versions}
         if c == "search":
             q = _load_npy(args.queries, "queries")
             res = svc.search(args.name, args.version, q, args.k, allow_partial=args.allow_partial)

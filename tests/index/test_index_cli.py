@@ -38,6 +38,13 @@ def test_cli_end_to_end(tmp_path, capsys):
                str(tmp_path / "ids1.npy"), "--metadata", str(tmp_path / "m.jsonl"))[1]["add"] == 40
     assert run("upgrade", "g", "--version", "v3", "--vectors", str(tmp_path / "x3.npy"), "--ids",
                str(tmp_path / "ids3.npy"))[1]["upgrade"] == 5
+    np.save(tmp_path / "probe.npy", np.array([3, 4, 5, 99]))
+    assert run("locate", "g", "--ids", str(tmp_path / "probe.npy"))[1] == {
+        "counts": {"v3": 2, "v1": 1, "absent": 1}, "versions": ["v3", "v3", "v1", None]}
+    code, out, _ = run("locate", "g", "--ids", str(tmp_path / "ids1.npy"), "--out", str(tmp_path / "where.json"))
+    assert out["counts"] == {"v3": 5, "v1": 35}
+    where = json.loads((tmp_path / "where.json").read_text())
+    assert where["ids"] == list(range(40)) and where["versions"] == ["v3"] * 5 + ["v1"] * 35
     code, out, _ = run("search", "g", "--version", "v3", "--queries", str(tmp_path / "x3.npy"), "-k", "3")
     assert code == 0 and [r[0]["id"] for r in out["results"]] == [0, 1, 2, 3, 4]
     assert out["routes"] == {"v1": "query:v3>v2>v1", "v3": "direct"}
@@ -62,7 +69,8 @@ def test_help_mentions_every_command(capsys):
         main(["--help"])
     assert exc.value.code == 0
     text = capsys.readouterr().out
-    for cmd in ("register", "create", "add", "search", "upgrade", "materialise", "calibrate", "snapshot", "stats", "serve"):
+    for cmd in ("register", "create", "add", "search", "upgrade", "locate", "materialise", "calibrate", "snapshot",
+                "stats", "serve"):
         assert cmd in text
 
 
