@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+", help="model version directories written by compatembed-train")
 
     s = sub.add_parser("create", help="create a collection")
-    s.add_argument("name")
+    s.add_argument("name", help="name of the new collection")
     s.add_argument("--factory", default="Flat", help="FAISS factory string for every segment (default Flat)")
     s.add_argument("--factory-for", action="append", default=[], metavar="VERSION=FACTORY",
                    help="per-version factory override (repeatable)")
@@ -95,16 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--upsert", action="store_true", help="replace items that already exist")
 
     s = sub.add_parser("delete", help="delete items")
-    s.add_argument("name")
+    s.add_argument("name", help="collection or alias")
     s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
 
     s = sub.add_parser("locate", help="which version holds each item (what a partial backfill still has to do)")
-    s.add_argument("name")
+    s.add_argument("name", help="collection or alias")
     s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
     s.add_argument("--out", help="write the per-item versions here as JSON; stdout then gets the counts only")
 
     s = sub.add_parser("search", help="search with queries of one model version")
-    s.add_argument("name")
+    s.add_argument("name", help="collection or alias")
     s.add_argument("--version", required=True, help="model version of the queries")
     s.add_argument("--queries", required=True, help=".npy (Q, D) float32")
     s.add_argument("-k", type=int, default=10)
@@ -112,12 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the JSON results here instead of stdout")
 
     s = sub.add_parser("materialise", help="forward-upgrade a segment into a newer version's space")
-    s.add_argument("name")
+    s.add_argument("name", help="collection or alias")
     s.add_argument("--source", required=True)
     s.add_argument("--target", required=True)
 
     s = sub.add_parser("calibrate", help="fit the score calibration of one cross-version route from held-out queries")
-    s.add_argument("name")
+    s.add_argument("name", help="collection or alias")
     s.add_argument("--query-version", required=True, help="version of the held-out queries")
     s.add_argument("--segment-version", required=True, help="the segment whose route is calibrated")
     s.add_argument("--queries", required=True, help=".npy (Q, D) float32 held-out queries")
@@ -126,10 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="top scores per query that enter the moments")
 
     s = sub.add_parser("snapshot", help="write FAISS snapshots (all collections by default)")
-    s.add_argument("name", nargs="?")
+    s.add_argument("name", nargs="?", help="collection or alias (default: every collection)")
 
     s = sub.add_parser("stats", help="print service or collection stats")
-    s.add_argument("name", nargs="?")
+    s.add_argument("name", nargs="?", help="collection or alias (default: the whole service)")
 
     s = sub.add_parser("alias", help="point an alias at a collection (atomic switch)")
     s.add_argument("alias")
