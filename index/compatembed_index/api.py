@@ -170,9 +170,11 @@ class IndexService:
             raise InvalidInputError("materialised copies and calibration are set after creation")
         # Build a throwaway segment per factory string so a typo fails here rather than at the first add.
         # The real dimension is per version; 1536 is divisible by most PQ/OPQ sub-quantiser counts, and a
-        # factory that does not fit a version's dimension fails (ConfigError) at that version's first add.
+        # factory that does not fit a version's dimension fails (ConfigError) at that version's first add,
+        # before anything is written.
         for f in {config.factory, *config.factories.values()}:
-            Segment(1536, f, "ip", device=config.device)
+            Segment(1536, f, "ip", train_size=config.train_size, search_params=config.search_params,
+                    device=config.device)
         with self._lock.write():
             if name in self._collections or name in self._aliases:
                 raise ConflictError(f"name {name!r} is already used by a collection or alias")
@@ -188,7 +190,14 @@ class IndexService:
         with self._lock.write():
             if name not in self._collections:
                 raise CollectionNotFoundError(f"no collection named {name!r}")
-            self.store.drop_collection(name)
+            coll = self._collections[name]
+            # Wait for the collection's in-flight writes and mark it dropped under its own lock: a write
+            # that looked the collection up before the drop then fails instead of being acknowledged
+            # into a collection that no longer exists (and reappearing in a new one of the same name).
+            # Lock order: service, then collection; no collection method takes the service lock.
+            with coll.lock.write():
+                coll.dropped = True
+                self.store.drop_collection(name)
             del self._collections[name]
             self._aliases = {a: c for a, c in self._aliases.items() if c != name}
             if self.snapshot_root is not None:

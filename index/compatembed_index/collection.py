@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 from compatembed_index import snapshot as snap
 from compatembed_index.errors import (
+    CollectionNotFoundError,
     ConfigError,
     DuplicateIdError,
     InvalidInputError,
@@ -192,6 +194,8 @@ class Collection:
         self.snapshot_seq: int | None = None
         self.load_report: list[str] = []
         self._dirty: set[tuple[str, ...]] = set()
+        self.dropped = False  # set under the write lock by IndexService.drop_collection
+        self._snapshot_lock = threading.Lock()  # one snapshot at a time (they share a sequence number)
 
     # -- segment construction -------------------------------------------------------------------
     def _new_segment(self, space: str) -> Segment:
@@ -210,6 +214,11 @@ class Collection:
         if seg is None:
             seg = self.segments[version] = self._new_segment(version)
         return seg
+
+    def _check_live(self) -> None:
+        """Refuse work on a collection dropped meanwhile (caller holds the lock)."""
+        if self.dropped:
+            raise CollectionNotFoundError(f"collection {self.name!r} was dropped")
 
     def _forward(self, source: str, target: str) -> Route:
         route = self.registry.forward_route(source, target)
@@ -307,6 +316,8 @@ class Collection:
         ids_a, x = self._prepare(version, ids, vectors)
         meta = as_metadata(metadata, len(ids_a))
         with self.lock.write():
+            self._check_live()
+            self._segment(version)  # a factory that cannot serve this version fails here, before the commit
             if not upsert:
                 present = [i for i in ids_a.tolist() if i in self._where]
                 if present:
@@ -341,6 +352,8 @@ class Collection:
         ids_a, x = self._prepare(version, ids, vectors)
         meta = as_metadata(metadata, len(ids_a))
         with self.lock.write():
+            self._check_live()
+            self._segment(version)  # a factory that cannot serve this version fails here, before the commit
             missing = [i for i in ids_a.tolist() if i not in self._where]
             if missing:
                 raise ItemNotFoundError(
@@ -354,6 +367,7 @@ class Collection:
         """Delete items (absent ids are ignored); returns (sequence number, number deleted)."""
         ids_a = as_ids(ids, max_rows=self.max_batch)
         with self.lock.write():
+            self._check_live()
             seq, n = self.store.delete_items(self.name, ids_a)
             self._mem_remove(ids_a)
             for i in ids_a.tolist():
@@ -377,11 +391,14 @@ class Collection:
             raise InvalidInputError("materialise needs two different versions")
         route = self._forward(source, target)
         with self.lock.write():
+            self._check_live()
+            before = self._calibrated_routes()
             t0 = time.perf_counter()
             self._rebuild((source, target))
             seconds = time.perf_counter() - t0
             pairs = [p for p in self.config.materialised if p != [source, target]] + [[source, target]]
             self.config.materialised = pairs
+            self._drop_stale_calibration(before)
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
             n = self.copies[(source, target)].ntotal
         _logger.info("%s: materialised %s → %s (%d vectors) in %.2fs", self.name, source, target, n, seconds)
@@ -391,11 +408,32 @@ class Collection:
     def drop_materialised(self, source: str, target: str) -> None:
         """Forget the forward-upgraded copy ``source → target`` (queries fall back to query routes)."""
         with self.lock.write():
+            self._check_live()
             if (source, target) not in self.copies:
                 raise ItemNotFoundError(f"collection {self.name!r} has no materialised copy {source} → {target}")
+            before = self._calibrated_routes()
             del self.copies[(source, target)]
             self.config.materialised = [p for p in self.config.materialised if p != [source, target]]
+            self._drop_stale_calibration(before)
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+
+    def _calibrated_routes(self) -> dict[str, str | None]:
+        """How each calibrated ``query|segment`` pair is searched right now (None: not searched)."""
+        hows: dict[str, str | None] = {}
+        for key in self.config.calibration:
+            qv, sv = key.split("|", 1)
+            plans, _ = self._plan(qv, allow_partial=True, calibrated=False) if qv in self.registry else ([], [])
+            hows[key] = next((p.how for p in plans if p.version == sv), None)
+        return hows
+
+    def _drop_stale_calibration(self, before: dict[str, str | None]) -> None:
+        """A calibration was fitted on one route's scores; once the pair is searched another way it no longer applies."""
+        after = self._calibrated_routes()
+        for key, how in before.items():
+            if after.get(key) != how:
+                del self.config.calibration[key]
+                _logger.info("%s: calibration of %s dropped: its route changed from %s to %s (calibrate it again)",
+                             self.name, key, how, after.get(key))
 
     # -- search ---------------------------------------------------------------------------------
     def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True) -> tuple[list[_Plan], list[str]]:
@@ -514,16 +552,20 @@ class Collection:
     def set_calibration(self, query_version: str, segment_version: str, scale: float, shift: float) -> None:
         """Map scores of the route ``query_version → segment_version`` to ``scale * score + shift``."""
         self.registry.get(query_version), self.registry.get(segment_version)
+        if query_version == segment_version:
+            raise InvalidInputError("a calibration maps a cross-version route; same-version scores are the reference")
         scale, shift = check_float(scale, "scale"), check_float(shift, "shift")
         if scale <= 0:
             raise InvalidInputError(f"scale must be positive (a calibration must keep the order), got {scale}")
         with self.lock.write():
+            self._check_live()
             self.config.calibration[f"{query_version}|{segment_version}"] = [scale, shift]
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
 
     def clear_calibration(self) -> None:
         """Remove every score calibration."""
         with self.lock.write():
+            self._check_live()
             self.config.calibration = {}
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
 
@@ -604,15 +646,17 @@ class Collection:
         """
         if self.snapshot_root is None:
             raise ConfigError("snapshots need a data directory (the service runs in memory)")
-        with self.lock.read():
-            parts = [(self._segment_info((v,), s), s.write) for v, s in sorted(self.segments.items())]
-            parts += [(self._segment_info(k, c), c.write) for k, c in sorted(self.copies.items())]
-            seq = self.applied_seq
-            path = snap.write_snapshot(self.snapshot_root, self.name, seq, parts, keep=self.keep_snapshots)
-            self.snapshot_seq = seq
-        kept = snap.list_snapshots(self.snapshot_root, self.name)
-        oldest = int(kept[0].name) if kept else seq
-        self.store.compact(self.name, oldest)
+        with self._snapshot_lock:
+            with self.lock.read():
+                self._check_live()
+                parts = [(self._segment_info((v,), s), s.write) for v, s in sorted(self.segments.items())]
+                parts += [(self._segment_info(k, c), c.write) for k, c in sorted(self.copies.items())]
+                seq = self.applied_seq
+                path = snap.write_snapshot(self.snapshot_root, self.name, seq, parts, keep=self.keep_snapshots)
+                self.snapshot_seq = seq
+            kept = snap.list_snapshots(self.snapshot_root, self.name)
+            oldest = int(kept[0].name) if kept else seq
+            self.store.compact(self.name, oldest)
         return path
 
     def _report(self, problem: str) -> None:
@@ -732,7 +776,7 @@ class Collection:
                 "name": self.name,
                 "items": len(self._where),
                 "segments": {v: {"ntotal": s.ntotal, "factory": s.factory, "trained": s.trained,
-                                 "dim": s.dim, "metric": s.metric, "device": s.device}
+                                 "dim": s.dim, "metric": s.metric, "device": s.device, "train_error": s.train_error}
                              for v, s in sorted(self.segments.items())},
                 "materialised": [{"source": s, "target": t, "ntotal": c.ntotal}
                                  for (s, t), c in sorted(self.copies.items())],

@@ -93,10 +93,20 @@ class Segment:
         self.device = device
         target = self._make_target()
         self._gpu_res = None
+        self.train_error: str | None = None  # why the last training attempt failed (staging keeps serving)
+        self._next_train_at = 0
         if target.is_trained:
             self.train_size = 0
         else:
             self.train_size = int(train_size) if train_size else self._default_train_size(target)
+            minimum = self._min_train_size(target)
+            if self.train_size < minimum:
+                raise ConfigError(
+                    f"train_size {self.train_size} is too small for factory {self.factory!r}: training it needs "
+                    f"at least {minimum} vectors (one per IVF list and per PQ centroid)"
+                )
+            self._next_train_at = self.train_size
+        self._check_search_params()
         self._apply_search_params(target)
         self.supports_remove = self._probe_remove(target)
         self._target: faiss.Index | None = target
@@ -148,6 +158,31 @@ class Segment:
         if re.search(r"PQ", self.factory, re.IGNORECASE):
             size = max(size, 9984)
         return size
+
+    @staticmethod
+    def _min_train_size(target: faiss.Index) -> int:
+        """Fewest vectors FAISS can train ``target`` on: k-means needs a point per IVF list and per PQ centroid."""
+        inner = _unwrap(target)
+        ivf = faiss.try_extract_index_ivf(inner)
+        minimum = int(ivf.nlist) if ivf is not None else 1
+        for owner in (ivf, inner):
+            pq = getattr(faiss.downcast_index(owner), "pq", None) if owner is not None else None
+            if pq is not None:
+                minimum = max(minimum, int(pq.ksub))
+        return minimum
+
+    def _check_search_params(self) -> None:
+        """Every ParameterSpace value must be a positive number (``nprobe=0`` makes FAISS fail every search)."""
+        if not isinstance(self.search_params, str):
+            raise ConfigError(f"search parameters must be a string such as 'nprobe=16', got {self.search_params!r}")
+        for part in filter(None, (p.strip() for p in self.search_params.split(","))):
+            name, sep, value = part.partition("=")
+            try:
+                ok = bool(sep) and float(value) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"search parameter {part!r} must be name=<positive number>, e.g. nprobe=16")
 
     def _apply_search_params(self, index: faiss.Index) -> None:
         if not self.search_params:
@@ -211,8 +246,17 @@ class Segment:
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         self._index.add_with_ids(x, ids)
-        if self._staging is not None and self._staging.ntotal >= self.train_size:
-            self._train_from_staging()
+        if self._staging is not None and self._staging.ntotal >= self._next_train_at:
+            try:
+                self._train_from_staging()
+            except (RuntimeError, ConfigError) as exc:
+                # The vectors are in the exact staging index and the write that brought them is durable:
+                # failing here would leave the caller's state behind the store. Keep serving exactly and
+                # try again once the staging index has doubled.
+                self.train_error = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+                self._next_train_at = 2 * int(self._staging.ntotal)
+                _logger.warning("training %s failed (%s); searches stay exact on %d staged vectors, next try at %d",
+                                self.factory, self.train_error, self._staging.ntotal, self._next_train_at)
 
     def _train_from_staging(self) -> None:
         assert self._staging is not None and self._target is not None
@@ -221,11 +265,13 @@ class Segment:
         x = flat.reconstruct_n(0, n)
         ids = faiss.vector_to_array(self._staging.id_map).astype(np.int64)
         _logger.info("training %s on %d vectors", self.factory, n)
+        self._target.reset()  # a failed earlier attempt may have left vectors in it
         self._target.train(x)
         self._target.add_with_ids(x, ids)
         self._index = self._to_device(self._target)
         self._staging = None
         self._target = None
+        self.train_error = None
 
     def remove(self, ids: np.ndarray) -> int:
         """Remove ``ids`` (absent ids are ignored); returns how many were removed.
@@ -235,9 +281,18 @@ class Segment:
         """
         if len(ids) == 0 or self.ntotal == 0:
             return 0
-        if not self.trained or self.supports_remove:
-            return int(self._index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64)))
-        raise RuntimeError(f"{self.factory} does not support removal; rebuild the segment")
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if not self.trained:
+            return int(self._index.remove_ids(ids))
+        if not self.supports_remove:
+            raise RuntimeError(f"{self.factory} does not support removal; rebuild the segment")
+        if self.device == "gpu":
+            # FAISS's GPU indexes cannot remove: remove on a CPU copy and move it back
+            cpu = self._to_cpu(self._index)
+            n = int(cpu.remove_ids(ids))
+            self._index = self._to_device(cpu)
+            return n
+        return int(self._index.remove_ids(ids))
 
     def rebuild(self, ids: np.ndarray, x: np.ndarray) -> None:
         """Replace the whole content by ``ids`` (N,) and ``x`` (N, D) (training again if needed)."""

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +109,11 @@ def write_snapshot(
     cdir = root / collection
     cdir.mkdir(parents=True, exist_ok=True)
     final = cdir / f"{seq:020d}"
-    tmp = cdir / f".{seq:020d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    # Leftovers of a crashed snapshot are garbage: one process owns the data directory and its
+    # collection writes one snapshot at a time (Collection.snapshot holds a lock for it).
+    for stale in cdir.glob(".*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{seq:020d}.tmp-", dir=cdir))
     entries = []
     for n, (info, writer) in enumerate(segments):
         fname = f"seg-{n}.faiss"

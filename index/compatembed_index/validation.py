@@ -63,11 +63,14 @@ def as_matrix(x: Any, dim: int, *, what: str, version: str, max_rows: int | None
 
 def normalize_rows(x: np.ndarray, *, what: str) -> np.ndarray:
     """L2-normalise rows of ``x`` (N, D) for a normalised version; a zero row has no direction and is refused."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    # in float64: a float32 norm of finite rows overflows above ~1e19 (the row would become all zeros)
+    # and underflows below ~1e-23 (a tiny but valid direction would be refused as a zero vector)
+    x64 = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x64, axis=1, keepdims=True)
     if not (norms > 0).all():
         bad = int(np.flatnonzero(norms[:, 0] <= 0)[0])
         raise InvalidInputError(f"{what} row {bad} is a zero vector: it has no direction under cosine similarity")
-    return np.ascontiguousarray(x / norms, dtype=np.float32)
+    return np.ascontiguousarray(x64 / norms, dtype=np.float32)
 
 
 def as_ids(ids: Any, n: int | None = None, *, max_rows: int | None = None) -> np.ndarray:

@@ -371,3 +371,102 @@ def test_every_error_carries_a_4xx_status():
         assert issubclass(cls, IndexServiceError) and cls.name() == name
         if cls not in (SnapshotError, NotReadyError):
             assert 400 <= cls.status_code < 500, name
+
+
+def test_factory_that_cannot_serve_a_version_fails_before_anything_is_written(chain, tmp_path):
+    svc = IndexService(tmp_path / "d")
+    for d in chain.dirs.values():
+        svc.register_version(d)
+    # PQ32 fits the 1536-d creation check but not v1's 16 dimensions
+    svc.create_collection("g", factory="Flat", factories={"v1": "PQ32"})
+    svc.add("g", "v2", [1, 2], np.ones((2, 24)))
+    with pytest.raises(ConfigError, match="PQ32"):
+        svc.add("g", "v1", [3, 4], np.ones((2, 16)))
+    with pytest.raises(ConfigError, match="PQ32"):
+        svc.upgrade("g", "v1", [1], np.ones((1, 16)))
+    assert svc.store.count("g") == {"v2": 2}  # nothing of the refused writes reached the store
+    assert svc.versions_of("g", [1, 2, 3]) == ["v2", "v2", None]
+    svc.close()
+    again = IndexService(tmp_path / "d")  # and the service still starts
+    assert again.versions_of("g", [1, 2, 3]) == ["v2", "v2", None]
+    again.close()
+
+
+def test_write_racing_a_drop_is_refused_and_never_reappears(chain, tmp_path):
+    svc = IndexService(tmp_path / "d")
+    for d in chain.dirs.values():
+        svc.register_version(d)
+    svc.create_collection("g")
+    looked_up = svc.collection("g")  # a writer that found the collection just before the drop
+    svc.drop_collection("g")
+    with pytest.raises(CollectionNotFoundError, match="dropped"):
+        looked_up.add("v1", [1, 2, 3], np.ones((3, 16)))
+    svc.create_collection("g")
+    svc.close()
+    again = IndexService(tmp_path / "d")
+    assert len(again.collection("g")) == 0
+    again.close()
+
+
+def test_concurrent_snapshots_of_one_collection_both_succeed_and_verify(chain, tmp_path):
+    from compatembed_index import snapshot as snap
+
+    svc = IndexService(tmp_path / "d")
+    for d in chain.dirs.values():
+        svc.register_version(d)
+    svc.create_collection("g")
+    _fill(svc)
+    for _ in range(3):
+        errors: list[BaseException] = []
+
+        def take():
+            try:
+                svc.snapshot("g")
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=take) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        for path in snap.list_snapshots(tmp_path / "d" / "snapshots", "g"):
+            snap.verify_snapshot(path)
+    svc.close()
+    again = IndexService(tmp_path / "d")
+    assert again.collection("g").load_report == [] and len(again.collection("g")) == 600
+    again.close()
+
+
+def test_calibration_is_dropped_when_its_route_changes(chain):
+    svc = _service(chain)
+    _fill(svc)
+    rng = np.random.default_rng(3)
+    svc.calibrate("g", "v3", "v1", rng.normal(size=(8, 32)), k=3)
+    svc.calibrate("g", "v3", "v2", rng.normal(size=(8, 32)), k=3)
+    assert set(svc.stats("g")["calibration"]) == {"v3|v1", "v3|v2"}
+    # v1 is now searched through a forward copy: scores of another route, so its fit no longer applies
+    svc.materialise("g", "v1", "v3")
+    assert svc.search("g", "v3", rng.normal(size=(2, 32)), k=3).routes["v1"] == "copy:v1>v3"
+    assert set(svc.stats("g")["calibration"]) == {"v3|v2"}
+    svc.calibrate("g", "v3", "v1", rng.normal(size=(8, 32)), k=3)
+    svc.collection("g").drop_materialised("v1", "v3")
+    assert set(svc.stats("g")["calibration"]) == {"v3|v2"}
+    with pytest.raises(InvalidInputError, match="cross-version"):
+        svc.collection("g").set_calibration("v3", "v3", 1.0, 0.0)
+
+
+def test_normalisation_neither_overflows_nor_underflows(chain):
+    from compatembed_index.validation import normalize_rows
+
+    rows = np.array([[1e20, 2e20, 0, 0], [1e-25, 0, 0, 0], [3, 4, 0, 0]], dtype=np.float32)
+    got = normalize_rows(rows, what="vectors")
+    ref = rows.astype(np.float64) / np.linalg.norm(rows.astype(np.float64), axis=1, keepdims=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+    # end to end: a huge but finite vector is stored as its direction and found by it
+    svc = _service(chain)
+    svc.add("g", "v1", [7], np.full((1, 16), 1e20, dtype=np.float32))
+    res = svc.search("g", "v1", np.ones((1, 16)), k=1)
+    assert res.ids[0, 0] == 7 and res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)

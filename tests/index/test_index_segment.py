@@ -184,3 +184,41 @@ def test_removal_keeps_the_remaining_ids_right(factory):
 def test_idmap_around_ivf_is_refused():
     with pytest.raises(ConfigError, match="drop the IDMap prefix"):
         Segment(16, "IDMap2,IVF4,Flat", "ip")
+
+
+@pytest.mark.parametrize(("factory", "train_size", "minimum"), [("IVF16,Flat", 8, 16), ("PQ4", 100, 256),
+                                                                 ("IVF4,PQ4", 200, 256)])
+def test_train_size_below_what_training_needs_is_a_config_error(factory, train_size, minimum):
+    with pytest.raises(ConfigError, match=f"train_size {train_size} is too small .* at least {minimum}"):
+        Segment(16, factory, "ip", train_size=train_size)
+    Segment(16, factory, "ip", train_size=minimum)  # the minimum itself is fine
+
+
+@pytest.mark.parametrize("params", ["nprobe=0", "nprobe=-3", "nprobe", "nprobe=abc", "nprobe=4,efSearch=0"])
+def test_search_params_need_positive_values(params):
+    with pytest.raises(ConfigError, match="positive number"):
+        Segment(16, "IVF4,Flat", "ip", train_size=100, search_params=params)
+
+
+def test_failed_training_keeps_the_exact_staging_index_and_retries_later(monkeypatch):
+    ids, x = _data(n=700)
+    seg = Segment(16, "IVF8,Flat", "ip", train_size=200, search_params="nprobe=8")
+    calls = []
+
+    def broken_train(_x):
+        calls.append(len(_x))
+        raise RuntimeError("simulated FAISS training failure")
+
+    monkeypatch.setattr(seg._target, "train", broken_train)
+    seg.add(ids[:250], x[:250])  # reaches train_size: training fails, the add does not
+    assert not seg.trained and seg.train_error == "simulated FAISS training failure" and calls == [250]
+    q = x[600:610]
+    s, i = seg.search(q, 5)
+    ri, rs = _exact(q, x[:250], ids[:250], 5)
+    np.testing.assert_array_equal(i, ri)  # still exact over every staged vector
+    seg.add(ids[250:400], x[250:400])
+    assert calls == [250]  # no retry on every add: the next try waits until the staging index doubles
+    monkeypatch.undo()
+    seg.add(ids[400:500], x[400:500])
+    assert seg.trained and seg.train_error is None and seg.ntotal == 500
+    assert sorted(seg.ids().tolist()) == sorted(ids[:500].tolist())
