@@ -639,7 +639,11 @@ class Collection:
         return info
 
     def snapshot(self) -> Path:
-        """Write a snapshot of every segment and copy (searches continue meanwhile; writes wait).
+        """Write a snapshot of every segment and copy.
+
+        It holds the collection's read lock while FAISS writes and fsyncs the files: searches continue,
+        writes wait, and because the lock prefers writers, searches that arrive after a waiting write
+        queue behind it until the snapshot is done.
 
         Raises:
             ConfigError: the service runs without a data directory.
