@@ -32,10 +32,16 @@ def chain(tmp_path):
     return Chain(tmp_path / "versions")
 
 
-def _service(chain, factory="Flat", **opts):
-    svc = IndexService(None, max_k=100)
+def _open(chain, data_dir=None, **service_opts):
+    """A service (in memory without ``data_dir``) with the chain's three versions registered."""
+    svc = IndexService(data_dir, **service_opts)
     for d in chain.dirs.values():
         svc.register_version(d)
+    return svc
+
+
+def _service(chain, factory="Flat", **opts):
+    svc = _open(chain, max_k=100)
     svc.create_collection("g", factory=factory, **opts)
     return svc
 
@@ -374,9 +380,7 @@ def test_every_error_carries_a_4xx_status():
 
 
 def test_factory_that_cannot_serve_a_version_fails_before_anything_is_written(chain, tmp_path):
-    svc = IndexService(tmp_path / "d")
-    for d in chain.dirs.values():
-        svc.register_version(d)
+    svc = _open(chain, tmp_path / "d")
     # PQ32 fits the 1536-d creation check but not v1's 16 dimensions
     svc.create_collection("g", factory="Flat", factories={"v1": "PQ32"})
     svc.add("g", "v2", [1, 2], np.ones((2, 24)))
@@ -393,9 +397,7 @@ def test_factory_that_cannot_serve_a_version_fails_before_anything_is_written(ch
 
 
 def test_write_racing_a_drop_is_refused_and_never_reappears(chain, tmp_path):
-    svc = IndexService(tmp_path / "d")
-    for d in chain.dirs.values():
-        svc.register_version(d)
+    svc = _open(chain, tmp_path / "d")
     svc.create_collection("g")
     looked_up = svc.collection("g")  # a writer that found the collection just before the drop
     svc.drop_collection("g")
@@ -411,9 +413,7 @@ def test_write_racing_a_drop_is_refused_and_never_reappears(chain, tmp_path):
 def test_concurrent_snapshots_of_one_collection_both_succeed_and_verify(chain, tmp_path):
     from compatembed_index import snapshot as snap
 
-    svc = IndexService(tmp_path / "d")
-    for d in chain.dirs.values():
-        svc.register_version(d)
+    svc = _open(chain, tmp_path / "d")
     svc.create_collection("g")
     _fill(svc)
     for _ in range(3):
