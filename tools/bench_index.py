@@ -124,16 +124,16 @@ def bench_mixed(svc: IndexService, arrays: dict[str, Any], data: dict[str, tuple
         return svc.search("bench", "v3", q, k, include_metadata=False).ids
 
     agree = float((raw_search() == svc_search()).mean())
-    # interleave the three paths and keep the best time of each: on a shared machine the load drifts,
-    # and timing one path after the other would charge the drift to whichever ran later. Each round times
-    # the three paths back to back (in a rotating order) and yields one paired ratio; the median of the
-    # rounds is the headline, their range shows how noisy the machine was.
+    # On a shared machine the load drifts, and timing one path after the other would charge the drift to
+    # whichever ran later. So each round times the three paths back to back (in a rotating order) and
+    # yields one paired ratio; the median of the rounds is the headline, their range shows the noise.
+    # Queries/s are best-of-rounds.
     paths = {"raw": raw_search, "svc": svc_search,
              "meta": lambda: svc.search("bench", "v3", q, k, include_metadata=True)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     order = list(paths)
     for r in range(repeats):
-        for name in order[r % 3:] + order[: r % 3]:
+        for name in order[r % len(order):] + order[: r % len(order)]:
             times[name].append(_timeit(paths[name], 1))
     t = {name: np.asarray(v) for name, v in times.items()}
     ratio = t["raw"] / t["svc"]

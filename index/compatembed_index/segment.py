@@ -176,7 +176,7 @@ class Segment:
         if not isinstance(self.search_params, str):
             raise ConfigError(f"search parameters must be a string such as 'nprobe=16', got {self.search_params!r}")
         for part in filter(None, (p.strip() for p in self.search_params.split(","))):
-            name, sep, value = part.partition("=")
+            _, sep, value = part.partition("=")
             try:
                 ok = bool(sep) and float(value) > 0
             except ValueError:

@@ -301,7 +301,6 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         _logger.exception("unhandled error on %s %s", request.method, request.url.path)
         return _error(500, "InternalError", f"internal error: {type(exc).__name__}")
 
-
     # -- probes and metrics --------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict[str, str]:
