@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from compatembed.data.loaders import ArrayBatchLoader, batch_source
 from compatembed.errors import EvalError
 
 _logger = logging.getLogger(__name__)
@@ -88,21 +89,27 @@ def embed_dataset(
 ) -> EmbeddingSet:
     """Embed every item of ``dataset`` (which yields ``(image, label)``) in order.
 
-    The model's ``embed`` (its deployed, normalised embedding) is used when it has one.
+    The model's ``embed`` (its deployed, normalised embedding) is used when it has one. A dataset
+    served from a decoded array (:mod:`compatembed.data.array_cache`) is embedded in whole batches
+    transformed on ``device``, the same path training uses; others go through a ``DataLoader``.
 
     Returns:
         An :class:`EmbeddingSet` with ``ids`` taken from ``dataset.ids`` when present, else positions.
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    device = torch.device(device)
+    if batch_source(dataset) is not None:  # decoded array: whole batches, transformed on the device
+        loader: Any = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
+    else:
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: list[np.ndarray] = []
     labels: list[np.ndarray] = []
-    device = torch.device(device)
-    for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        images, targets = batch[0], batch[1]
         out = _model_embed(model, images.to(device, non_blocking=True))
         chunks.append(out.float().cpu().numpy())
-        labels.append(np.asarray(targets, dtype=np.int64))
+        labels.append(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64))
     model.train(was_training)
     ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)

@@ -28,6 +28,7 @@ from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
 from compatembed.eval import pair_table_markdown, retrieval_metrics
 from compatembed.eval.compatibility import empirical_compatibility
+from compatembed.hardware import resolve_num_workers
 
 _logger = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def evaluate_pair(
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate old/old, new/new and new/old; write ``report.json`` and ``report.md`` to ``cfg.out``."""
-    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), progress=bool(cfg.progress))
+    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers), progress=bool(cfg.progress))
     new = load_or_extract(cfg.query, cfg.data, str(cfg.split), **kwargs)
     old = load_or_extract(cfg.gallery, cfg.data, str(cfg.split), **kwargs)
     if leave_one_out := bool(cfg.leave_one_out):

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from compatembed.cli import CONF_DIR, run_cli
 from compatembed.data import Preprocessing, build_dataset, build_transform
 from compatembed.embeddings import EmbeddingSet, embed_dataset
+from compatembed.hardware import resolve_num_workers
 from compatembed.models.version import load_model_version
 from compatembed.training import resolve_device
 
@@ -64,7 +65,7 @@ def extract(cfg: DictConfig) -> Path:
         str(cfg.split),
         device=str(cfg.device),
         batch_size=int(cfg.batch_size),
-        num_workers=int(cfg.num_workers),
+        num_workers=resolve_num_workers(cfg.num_workers),
         progress=bool(cfg.progress),
     )
     out = result.save(cfg.out)

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from compatembed.cli import CONF_DIR, run_cli
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import ConfigError
+from compatembed.hardware import resolve_num_workers
 from compatembed.eval.backfill import (
     ORDERS,
     average_curves,
@@ -236,7 +237,7 @@ def build_report(cfg: DictConfig) -> dict[str, Any]:
     if not dirs:
         raise ConfigError("versions is empty: give the model version directories, oldest first, e.g. 'versions=[runs/v1,runs/v2]'")
     metrics = [str(m) for m in cfg.metrics]
-    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers),
+    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
                   progress=bool(cfg.progress))
     described = [describe_version(d) for d in dirs]
     names = [v["version_id"] for v in described]

@@ -20,30 +20,18 @@ import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from compatembed.cli import CONF_DIR, run_cli
 from compatembed.data import build_dataset, build_transform
+from compatembed.data.loaders import training_loader
 from compatembed.errors import ConfigError
+from compatembed.hardware import resolve_num_workers, set_torch_threads
 from compatembed.methods.base import Method, MethodContext
 from compatembed.models.version import save_model_version
 from compatembed.training import TrainerConfig, fit, resolve_device
 
 _logger = logging.getLogger(__name__)
-
-
-class IndexedDataset(Dataset):
-    """Yields ``(image, label, position)`` so methods can look up cached per-item features."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -83,7 +71,7 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
         train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
         device=resolve_device(cfg.trainer.device),
         batch_size=int(loader_cfg.eval_batch_size),
-        num_workers=int(loader_cfg.num_workers),
+        num_workers=resolve_num_workers(loader_cfg.num_workers),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
         cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
     )
@@ -97,7 +85,8 @@ def train(cfg: DictConfig) -> Path:
     Returns:
         The model version directory.
     """
-    generator = seed_everything(int(cfg.seed))
+    seed_everything(int(cfg.seed))
+    set_torch_threads(cfg.trainer.num_threads)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -109,16 +98,12 @@ def train(cfg: DictConfig) -> Path:
     loader_cfg = cfg.data.loader
     frozen_before = method.frozen_hashes()
 
-    batch_size = int(loader_cfg.batch_size)
-    loader = DataLoader(
-        IndexedDataset(train_set),
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_set) > batch_size,
-        num_workers=int(loader_cfg.num_workers),
-        persistent_workers=int(loader_cfg.num_workers) > 0,
-        pin_memory=device.type == "cuda",
-        generator=generator,
+    loader = training_loader(
+        train_set,
+        batch_size=int(loader_cfg.batch_size),
+        seed=int(cfg.seed),
+        device=device,
+        num_workers=resolve_num_workers(loader_cfg.num_workers),
     )
     trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
     logger = instantiate(cfg.logger)

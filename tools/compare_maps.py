@@ -113,6 +113,7 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
 
     from compatembed.eval import retrieval_metrics
     from compatembed.evaluate import load_or_extract
+    from compatembed.hardware import resolve_num_workers
     from compatembed.methods.maps import (
         fit_lambda_orthogonal,
         gram_deviation,
@@ -126,7 +127,7 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cfg = _compose_data(args.data, list(args.override))
-    kw = dict(device=str(device), batch_size=int(cfg.batch_size), num_workers=int(cfg.num_workers), progress=not args.no_progress)
+    kw = dict(device=str(device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers), progress=not args.no_progress)
     sets = {(v, s): load_or_extract(getattr(args, v), cfg.data, s, **kw) for v in ("old", "new") for s in ("train", "test")}
     new_tr, old_tr, _, _ = _aligned(sets["new", "train"], sets["old", "train"], "train split")
     new_te, old_te, labels, ids = _aligned(sets["new", "test"], sets["old", "test"], "test split")

@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from compatembed.errors import DataError
+
 IMG_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
@@ -43,10 +45,27 @@ def is_image_name(name: str) -> bool:
     return dot > 0 and not base.startswith(".") and base[dot:].lower() in IMG_EXTENSIONS
 
 
-def decode_rgb(data: bytes) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image (fully loaded, detached from the buffer)."""
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+def decode_rgb(data: bytes, name: str = "image") -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image (fully loaded, detached from the buffer).
+
+    Raises:
+        DataError: The bytes are not a complete image of a known format; the message names ``name``.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways of saying "corrupt"
+        raise DataError(f"cannot decode {name}: {e} (a truncated or malformed image file)") from None
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Read an image file into an RGB PIL image; a corrupt file raises :class:`DataError` naming it."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+    return decode_rgb(data, path)
 
 
 def as_int64(values: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from compatembed.data._common import LabeledImageDataset, Transform
+from compatembed.data.array_cache import decode_to_array
 from compatembed.data.subset import ClassSubset, parse_classes
 from compatembed.errors import CompatEmbedError, ConfigError, DataError
 
@@ -23,6 +24,9 @@ SPLITS: dict[str, str] = {"train": "classes", "test": "eval_classes"}
 """Splits ``build_dataset`` knows, each with the config key holding its class selection."""
 
 _PATH_KEYS = ("path", "root")
+
+PIPELINES: tuple[str, ...] = ("auto", "array", "stream")
+"""Values of ``data.pipeline``: how images reach the model (see :func:`build_dataset`)."""
 
 
 def _resolve_split(data_cfg: DictConfig, split: str) -> dict[str, Any]:
@@ -65,6 +69,41 @@ def _instantiate(node: dict[str, Any], split: str, transform: Transform | None) 
         raise
 
 
+def _optional(cfg: DictConfig, key: str) -> Any:
+    """An optional data key (absent, or an interpolation that cannot resolve here, reads as None)."""
+    return OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+
+
+def _serve(dataset: LabeledImageDataset, cfg: DictConfig, split: str) -> LabeledImageDataset:
+    """Apply ``data.pipeline``: the decoded-array cache for small images, or the dataset as it is."""
+    pipeline = _optional(cfg, "pipeline") or "stream"
+    if pipeline not in PIPELINES:
+        raise ConfigError(f"unknown data.pipeline={pipeline!r}; known: {', '.join(PIPELINES)}")
+    if pipeline == "stream" or len(dataset) == 0:
+        return dataset
+    cache_dir = _optional(cfg, "cache_dir")
+    if pipeline == "auto" and not hasattr(dataset, "data"):
+        limit_gb = float(_optional(cfg, "array_cache_max_gb") or 8)
+        saved, dataset.transform = dataset.transform, None
+        try:
+            first, _ = dataset[0]
+        finally:
+            dataset.transform = saved
+        decoded_gb = len(dataset) * first.size[0] * first.size[1] * 3 / 1e9
+        if decoded_gb > limit_gb:
+            _logger.info("data.%s streams: %.1f GB decoded exceeds data.array_cache_max_gb=%g", split, decoded_gb, limit_gb)
+            return dataset
+    arrays = decode_to_array(dataset, cache_dir)
+    if arrays is None:
+        if pipeline == "array":
+            raise ConfigError(
+                f"data.pipeline=array but data.{split} ({type(dataset).__name__}) cannot be decoded into an array "
+                f"cache{'' if cache_dir else ' (data.cache_dir is not set)'}; use data.pipeline=stream"
+            )
+        return dataset
+    return arrays
+
+
 def build_dataset(
     data_cfg: DictConfig | Mapping[str, Any], split: str, transform: Transform | None = None
 ) -> LabeledImageDataset:
@@ -72,6 +111,11 @@ def build_dataset(
 
     ``data.classes`` applies to ``"train"`` and ``data.eval_classes`` to ``"test"``; ``None`` keeps
     every class. ``data.train_per_class`` keeps the first n training items of each class (quick runs).
+    ``data.pipeline`` picks how images are served: ``array`` decodes the split once into a uint8
+    array cache under ``data.cache_dir`` (:func:`~compatembed.data.array_cache.decode_to_array`;
+    batches are then augmented as tensors), ``stream`` decodes each image when it is read, and
+    ``auto`` (the default) takes ``array`` unless the decoded split would exceed
+    ``data.array_cache_max_gb``.
     Labels and item ids are those of the full split (see :class:`ClassSubset`).
 
     Args:
@@ -94,7 +138,7 @@ def build_dataset(
     cfg = data_cfg if isinstance(data_cfg, DictConfig) else OmegaConf.create(dict(data_cfg))
     node = _resolve_split(cfg, split)
     _check_paths(node, split)
-    dataset = _instantiate(node, split, transform)
+    dataset = _serve(_instantiate(node, split, transform), cfg, split)
     declared = None if "num_classes" not in cfg or OmegaConf.is_missing(cfg, "num_classes") else cfg.num_classes
     if declared is not None and int(declared) != len(dataset.classes):
         raise DataError(f"data.num_classes={declared} but data.{split} has {len(dataset.classes)} classes")

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from compatembed.data._common import Transform, as_int64, is_image_name
+from compatembed.data._common import Transform, as_int64, is_image_name, open_rgb
 from compatembed.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -71,8 +70,7 @@ class ImageFolderDir(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        image = open_rgb(path)
         return (self.transform(image) if self.transform is not None else image), label
 
     def __repr__(self) -> str:

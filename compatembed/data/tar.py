@@ -122,7 +122,7 @@ class ImageFolderTar(Dataset):
         return len(self.members)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = decode_rgb(self.read_bytes(index))
+        image = decode_rgb(self.read_bytes(index), f"{self.path}:{self.members[index]}")
         label = int(self.targets[index])
         return (self.transform(image) if self.transform is not None else image), label
 

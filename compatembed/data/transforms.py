@@ -147,9 +147,54 @@ def _normalize_steps(pre: Preprocessing) -> list[Callable[[Any], Any]]:
     return steps
 
 
-def build_transform(
-    pre: Preprocessing, *, train: bool, augment: str = "crop_flip"
-) -> Callable[[Image.Image], torch.Tensor]:
+class ImageTransform:
+    """A model version's image pipeline, runnable per PIL image or on a whole uint8 batch.
+
+    Calling it maps one PIL image to a ``(C, H, W)`` tensor (torchvision, as DataLoader workers
+    use it); :meth:`batch` runs the same definition on a ``(B, H, W, 3)`` uint8 tensor
+    (:mod:`compatembed.data.batch_transforms`), which is what the array-cache data path uses.
+    Picklable.
+
+    Attributes:
+        preprocessing: The record the pipeline is built from.
+        train: Whether the training pipeline (with ``augment``) is used.
+        augment: One of :data:`AUGMENTATIONS`.
+    """
+
+    def __init__(self, preprocessing: Preprocessing, *, train: bool, augment: str = "crop_flip") -> None:
+        if augment not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTATIONS)}")
+        self.preprocessing = preprocessing
+        self.train = bool(train)
+        self.augment = augment
+        self._compose = _compose(preprocessing, train=self.train, augment=augment)
+
+    @property
+    def random(self) -> bool:
+        """True when the pipeline draws random numbers (training with an augmentation)."""
+        return self.train and self.augment != "none"
+
+    @property
+    def batchable(self) -> bool:
+        """True when :meth:`batch` can run this pipeline (RGB inputs)."""
+        return self.preprocessing.input_size[0] == 3
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self._compose(image)
+
+    def batch(self, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``(B, H, W, 3)`` uint8 → ``(B, 3, H, W)`` float32 model inputs (``channels_last`` order)."""
+        from compatembed.data.batch_transforms import apply_batch
+
+        pre = self.preprocessing
+        return apply_batch(pixels, input_size=pre.input_size, mean=pre.mean, std=pre.std, interpolation=pre.interpolation,
+                           crop_pct=pre.crop_pct, train=self.train, augment=self.augment, generator=generator)
+
+    def __repr__(self) -> str:
+        return f"ImageTransform(train={self.train}, augment={self.augment!r}, {self.preprocessing})"
+
+
+def build_transform(pre: Preprocessing, *, train: bool, augment: str = "crop_flip") -> ImageTransform:
     """Build the image pipeline of a model version.
 
     Eval (and ``augment="none"``): resize so the crop covers ``crop_pct`` of the image (the shorter
@@ -167,13 +212,16 @@ def build_transform(
         augment: One of :data:`AUGMENTATIONS`; ignored when ``train`` is false.
 
     Returns:
-        A picklable callable mapping a PIL image to a float tensor of shape ``(C, H, W)``.
+        A picklable :class:`ImageTransform`: a PIL image to a float tensor of shape ``(C, H, W)``,
+        or a uint8 batch to a float batch with :meth:`ImageTransform.batch`.
 
     Raises:
         ConfigError: ``augment`` is unknown.
     """
-    if augment not in AUGMENTATIONS:
-        raise ConfigError(f"unknown augment {augment!r}; known: {', '.join(AUGMENTATIONS)}")
+    return ImageTransform(pre, train=train, augment=augment)
+
+
+def _compose(pre: Preprocessing, *, train: bool, augment: str) -> Callable[[Image.Image], torch.Tensor]:
     _, h, w = pre.input_size
     mode = _INTERPOLATIONS[pre.interpolation]
     if train and augment == "crop_flip":

@@ -10,6 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from compatembed.data import AUGMENTATIONS, ClassSubset, ImageFolderDir, ImageFolderTar, SyntheticImages, build_dataset
+from compatembed.data.array_cache import ArrayImages
+from compatembed.data.build import PIPELINES
 from compatembed.errors import ConfigError, DataError
 
 CONF_DATA = Path(__file__).resolve().parents[2] / "conf" / "data"
@@ -105,7 +107,8 @@ def test_synthetic_yaml() -> None:
     cfg = _with_root("synthetic.yaml", "unused", classes="0-4")
     train, test = build_dataset(cfg.data, "train"), build_dataset(cfg.data, "test")
     assert isinstance(train, ClassSubset) and len(train) == 5 * 20 and set(train.targets.tolist()) == set(range(5))
-    assert isinstance(test, SyntheticImages) and len(test) == 10 * 10 and test.split == "test"
+    # generated pixels live in memory: served as an array without a copy
+    assert isinstance(test, ArrayImages) and len(test) == 10 * 10 and "split='test'" in test.source
 
 
 def test_imagefolder_yaml(tmp_path: Path, write_image_tree: Callable) -> None:
@@ -140,8 +143,9 @@ def test_group_files_compose_with_hydra(name: str) -> None:
     with initialize_config_dir(config_dir=str(CONF_DATA.parent), version_base="1.3"):
         cfg = compose(overrides=[f"+data={name}", "+paths.data_root=/data"])
     data = cfg.data
-    assert set(data) == {"name", "num_classes", "classes", "eval_classes", "train_per_class", "augment", "train", "test", "loader"}
-    assert data.augment in AUGMENTATIONS
+    assert set(data) == {"name", "num_classes", "classes", "eval_classes", "train_per_class", "augment", "pipeline",
+                         "array_cache_max_gb", "cache_dir", "train", "test", "loader"}
+    assert data.augment in AUGMENTATIONS and data.pipeline in PIPELINES
     assert data.name == name and data.classes is None and data.eval_classes is None
     assert set(data.loader) == {"batch_size", "eval_batch_size", "num_workers"}
     for split in ("train", "test"):

@@ -117,7 +117,7 @@ def _run(method: Method, train_set: Dataset, *, steps: int, batch_size: int, lr:
     batch dropped), as ``train`` feeds a method; otherwise the images are decoded once and each epoch is
     ``randperm(n).split(batch_size)`` of them. The two draw differently from the generator.
     """
-    from compatembed.train import IndexedDataset
+    from compatembed.data.loaders import IndexedDataset
 
     optimizer = torch.optim.Adam(method.trainable_parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)

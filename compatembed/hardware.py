@@ -1,0 +1,55 @@
+"""What the machine offers a run: CPUs this process may use, and the thread and worker counts derived from them."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from compatembed.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _count(value: Any, key: str, auto: int) -> int:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return auto
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be 'auto' or a non-negative integer, got {value!r}") from None
+    if count < 0:
+        raise ConfigError(f"{key} must be 'auto' or a non-negative integer, got {value!r}")
+    return count
+
+
+def resolve_num_workers(value: Any, key: str = "data.loader.num_workers") -> int:
+    """DataLoader workers for streamed data: ``auto`` = half the available CPUs (at most 8), the rest train.
+
+    Data served from a decoded array needs none: its batches are produced in the training process.
+    """
+    return _count(value, key, min(8, available_cpus() // 2))
+
+
+def resolve_num_threads(value: Any, key: str = "trainer.num_threads") -> int:
+    """Intra-op threads for torch: ``auto`` = every available CPU (0 also means auto)."""
+    return _count(value, key, available_cpus()) or available_cpus()
+
+
+def set_torch_threads(value: Any, key: str = "trainer.num_threads") -> int:
+    """Set torch's intra-op thread count from a config value; returns the count used."""
+    threads = resolve_num_threads(value, key)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        _logger.info("torch uses %d threads", threads)
+    return threads
