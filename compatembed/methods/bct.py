@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from compatembed.errors import ConfigError, DataError
 from compatembed.methods.base import Method, MethodContext, class_prototypes
+from compatembed.methods.independent import check_classifier_input
 from compatembed.models.heads import Classifier
 from compatembed.models.version import CompatibilityEdge, LoadedVersion
 
@@ -131,6 +132,8 @@ class BCT(Method):
         compatible_dims: ``exact`` (d_new == d_old) or ``prefix`` (φ_new[:d_old] when d_new > d_old).
         influence_scale: multiplies the cosine logits ĝ·Pᵀ of variant ``prototypes`` (the code uses 1).
         label_smoothing: of both cross-entropies (the paper uses none).
+        classifier_input: what the new classifier reads: ``raw`` (the paper) or ``normalized`` (the
+            L2-normalised feature, as the OCA/BT² code bases classify theirs).
     """
 
     name = "bct"
@@ -148,8 +151,10 @@ class BCT(Method):
         compatible_dims: str = "exact",
         influence_scale: float = 1.0,
         label_smoothing: float = 0.0,
+        classifier_input: str = "raw",
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version)
+        self.classifier_input = check_classifier_input(classifier_input)
         self.variant = _choice(variant, VARIANTS, "method.variant")
         self.old_classifier_source = _choice(old_classifier, OLD_CLASSIFIERS, "method.old_classifier")
         self.compatible_dims = _choice(compatible_dims, COMPATIBLE_DIMS, "method.compatible_dims")
@@ -251,7 +256,7 @@ class BCT(Method):
         self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         features = self.model(images)
-        logits = self.classifier(features)
+        logits = self.classifier(F.normalize(features, dim=1) if self.classifier_input == "normalized" else features)
         old_logits = self.old_logits(features)
         ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         influence = F.cross_entropy(old_logits, labels, label_smoothing=self.label_smoothing)

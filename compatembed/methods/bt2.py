@@ -6,7 +6,7 @@ model φ_new' (the new space the student should keep), and the student. The stud
 space with a part that matches φ_new' and add only ``k`` dimensions to the new embedding:
 
 ```
-f = backbone(x)                          (N, d_new + d_old), not normalised
+f = relu(backbone(x))                    (N, d_new + d_old), non-negative (last_nonlin), not normalised
 a = normalize(Linear_bias(relu(f)))      (N, d_old)   matches φ_old
 b = normalize(f[:, :d_new])              (N, d_new)   matches φ_new'
 z = concat(normalize(a[:, :k]), B_p(C·b))  (N, k + d_new), B_p orthogonal d_new × d_new
@@ -18,7 +18,10 @@ logits = W_out · b
 Loss (weights 1 / 10 / 5 / 1 of the notes, each from the config):
 ``CE(logits, y) + 10·CE(û·Pᵀ, y) + 5·(1 − cos(φ_old(x), û)) + 1·(1 − cos(φ_new'(x), b))`` with ``P`` the
 pseudo classifier (class means of the old model's features on the new training set) and both
-teachers' features cached once. An old gallery is searched with ``normalize(φ_BT2[:d_old]) = û``
+teachers' features cached once. The published code's backbone ends in a ReLU (its ``last_nonlin``), so
+``f`` is non-negative there; the student here ends in a linear projection, so ``last_nonlin=True`` (the
+method's default) applies that ReLU explicitly and ``last_nonlin=False`` keeps the signed projection.
+An old gallery is searched with ``normalize(φ_BT2[:d_old]) = û``
 (a ``prefix`` edge of dim ``d_old``); new-to-new search uses all of φ_BT2.
 """
 
@@ -72,7 +75,7 @@ class BT2Parts(NamedTuple):
     """Every intermediate of the BT² student on one batch (shapes for a batch of N).
 
     Attributes:
-        f: (N, d_new + d_old) raw backbone feature.
+        f: (N, d_new + d_old) student feature (after the ReLU when ``last_nonlin``).
         a: (N, d_old) normalised old-matching head.
         b: (N, d_new) normalised new-matching feature (the classifier's input).
         z: (N, k + d_new) concat(normalize(a[:k]), B_p(C·b)).
@@ -102,6 +105,8 @@ class BT2Embedder(nn.Module):
         scale: The constant ``C`` that weighs the new part against the unit-norm added part (2).
         orthogonal_map: How ``B_p`` and ``B_o`` are parametrised (see :data:`ORTHOGONAL_MAPS`).
         normalize: Whether :meth:`embed` L2-normalises φ_BT2 (retrieval by cosine similarity).
+        last_nonlin: ReLU on the student's feature ``f`` (the published code's non-negative feature);
+            ``False`` (what versions written before the option was added hold) keeps it signed.
 
     Attributes:
         embed_dim: ``k + d_new``, the width of the deployed embedding.
@@ -126,6 +131,7 @@ class BT2Embedder(nn.Module):
         orthogonal_map: str = "matrix_exp",
         *,
         normalize: bool = True,
+        last_nonlin: bool = False,
     ) -> None:
         super().__init__()
         d_old, d_new, k = int(d_old), int(d_new), int(k)
@@ -154,6 +160,7 @@ class BT2Embedder(nn.Module):
         self.basis_o = orthogonal_linear(d_old, orthogonal_map)
         self.embed_dim = k + d_new
         self.normalize = bool(normalize)
+        self.last_nonlin = bool(last_nonlin)
         self.preprocessing = model.preprocessing
 
     def compose(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -174,6 +181,8 @@ class BT2Embedder(nn.Module):
     def parts(self, x: torch.Tensor) -> BT2Parts:
         """All intermediates for a batch of images ``(N, C, H, W)`` (training uses ``a``, ``b``, ``u``)."""
         f = self.model(x)
+        if self.last_nonlin:
+            f = F.relu(f)
         a = F.normalize(self.old_head(F.relu(f)), dim=1)
         b = F.normalize(f[:, : self.d_new], dim=1)
         z, u, v, phi = self.compose(a, b)
@@ -240,6 +249,8 @@ class BT2(Method):
         old_alignment_weight: Weight of ``1 − cos(φ_old(x), û)`` (5).
         new_alignment_weight: Weight of ``1 − cos(φ_new'(x), b)`` (1).
         label_smoothing: Label smoothing of the classification CE (0: the public trainer's plain CE).
+        last_nonlin: ReLU on the student's feature before the heads, as the published backbone's
+            last block (see :class:`BT2Embedder`).
 
     Raises:
         ConfigError: A version is missing from the config, a weight is negative, or a size is
@@ -265,6 +276,7 @@ class BT2(Method):
         old_alignment_weight: float = 5.0,
         new_alignment_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        last_nonlin: bool = True,
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version)
         if old_version is None:
@@ -285,7 +297,7 @@ class BT2(Method):
         self.new_reference_path = str(new_reference_version)
         d_old = _version_dim(old_version, "method.old_version") if d_old is None else int(d_old)
         d_new = _version_dim(self.new_reference_path, "method.new_reference_version") if d_new is None else int(d_new)
-        self.embedder = BT2Embedder(model, d_old, d_new, k, scale, orthogonal_map)
+        self.embedder = BT2Embedder(model, d_old, d_new, k, scale, orthogonal_map, last_nonlin=last_nonlin)
         self.classifier = Classifier(d_new, self.num_classes)
         self.ce_weight = float(ce_weight)
         self.influence_weight = float(influence_weight)
@@ -404,6 +416,7 @@ class BT2(Method):
             "scale": self.embedder.scale,
             "orthogonal_map": self.embedder.orthogonal_map,
             "normalize": self.embedder.normalize,
+            "last_nonlin": self.embedder.last_nonlin,
         }
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:

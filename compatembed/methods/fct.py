@@ -278,6 +278,7 @@ class FCT(PostHocMapMethod):
             ``trainer.epochs=0``).
         side_info_version: a frozen model version whose features ψ(x) are concatenated to the old ones.
         label_smoothing: label smoothing of the new model's cross-entropy (in-run training).
+        classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
         hidden_dims: hidden widths of h (``[]``: a linear forward map).
         activation: ``relu`` | ``gelu``.
         batch_norm: BatchNorm after each hidden layer.
@@ -299,6 +300,7 @@ class FCT(PostHocMapMethod):
         new_version: str | None = None,
         side_info_version: str | None = None,
         label_smoothing: float = 0.1,
+        classifier_input: str = "raw",
         hidden_dims: Sequence[int] = (512,),
         activation: str = "relu",
         batch_norm: bool = True,
@@ -311,7 +313,8 @@ class FCT(PostHocMapMethod):
         fit_weight_decay: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing)
+        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
+                         classifier_input=classifier_input)
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown fct activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
         if batchnorm_mode not in BATCHNORM_MODES:

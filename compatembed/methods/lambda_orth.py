@@ -49,6 +49,7 @@ class LambdaOrth(PostHocMapMethod):
         new_version: adopt this trained new version instead of training one in the run (then
             ``trainer.epochs=0``).
         label_smoothing: label smoothing of the new model's cross-entropy (in-run training).
+        classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
         tolerance: λ >= 0, or None for ∞ (the closed-form least-squares map).
         penalty_weight: μ, weight of the squared hinge beyond λ.
         deviation: ``gram`` (‖WᵀW − I‖_F) | ``spectral`` (singular values outside [1 − λ, 1 + λ]).
@@ -73,6 +74,7 @@ class LambdaOrth(PostHocMapMethod):
         old_version: str | None = None,
         new_version: str | None = None,
         label_smoothing: float = 0.1,
+        classifier_input: str = "raw",
         tolerance: float | None = 1.0,
         penalty_weight: float = 10.0,
         deviation: str = "gram",
@@ -88,7 +90,8 @@ class LambdaOrth(PostHocMapMethod):
         fit_lr: float = 1e-3,
         seed: int = 0,
     ) -> None:
-        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing)
+        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
+                         classifier_input=classifier_input)
         for key, value, known in (
             ("deviation", deviation, DEVIATIONS),
             ("objective", objective, OBJECTIVES),

@@ -37,7 +37,7 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import Method, MethodContext, freeze
-from compatembed.methods.independent import classification_step
+from compatembed.methods.independent import check_classifier_input, classification_step
 from compatembed.models.heads import Classifier
 from compatembed.models.version import LoadedVersion, load_model_version
 
@@ -556,6 +556,7 @@ class PostHocMapMethod(Method):
         old_version: the deployed old model version directory (required).
         new_version: a trained new model version directory to adopt instead of training one.
         label_smoothing: label smoothing of the cross-entropy (in-run training).
+        classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
     """
 
     def __init__(
@@ -566,9 +567,11 @@ class PostHocMapMethod(Method):
         old_version: str | None = None,
         new_version: str | None = None,
         label_smoothing: float = 0.1,
+        classifier_input: str = "raw",
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version)
         self.label_smoothing = float(label_smoothing)
+        self.classifier_input = check_classifier_input(classifier_input)
         self.new_version_path = new_version
         self.new: LoadedVersion | None = None
         if new_version is None:
@@ -607,7 +610,7 @@ class PostHocMapMethod(Method):
             raise ConfigError(
                 f"method.new_version={self.new_version_path} is adopted, not trained: set trainer.epochs=0"
             )
-        return classification_step(self.classifier, self.model(images), labels, self.label_smoothing)
+        return classification_step(self.classifier, self.model(images), labels, self.label_smoothing, self.classifier_input)
 
     def train_features(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, d_new) new-model and (N, d_old) old-model L2-normalised features of the training items.

@@ -115,6 +115,24 @@ def test_phi_is_u_then_v_recomputed_by_hand(d_old, d_new, k):
     torch.testing.assert_close(emb.embed(x), phi / math.sqrt(5.0), atol=1e-6, rtol=0)
 
 
+def test_last_nonlin_makes_the_feature_non_negative_before_both_heads():
+    torch.manual_seed(0)
+    signed = tiny_embedder(4, 8, 2, scale=2.0)
+    relu = tiny_embedder(4, 8, 2, scale=2.0)
+    relu.load_state_dict(signed.state_dict())
+    relu.last_nonlin = True
+    x = torch.randn(6, 3, 4, 4)
+    with torch.no_grad():
+        f = signed.model(x)
+        parts = relu.parts(x)
+    assert (f < 0).any(), "the test needs a signed feature to be meaningful"
+    torch.testing.assert_close(parts.f, F.relu(f))
+    torch.testing.assert_close(parts.b, F.normalize(F.relu(f)[:, :8], dim=1))
+    assert (parts.b >= 0).all() and not torch.allclose(parts.b, signed.parts(x).b)
+    # the method exports the flag, so the deployed module is rebuilt the way it was trained
+    assert BT2Embedder(signed.model, 4, 8, 2).last_nonlin is False  # versions written before the option
+
+
 def test_old_gallery_prefix_is_u():
     torch.manual_seed(1)
     emb = tiny_embedder(D_OLD, D_NEW, K)
