@@ -58,9 +58,12 @@ def load_or_extract(
 
 
 def _cache_name(data_cfg: DictConfig, split: str) -> str:
-    """``<dataset>-<split>``, plus a tag of the item selection when one is set (classes, per-class cap)."""
-    keys = ("classes", "train_per_class") if split == "train" else ("eval_classes",)
-    selection = {k: OmegaConf.to_container(data_cfg, resolve=True).get(k) for k in keys}
+    """``<dataset>-<split>``, plus a tag of the item selection when one is set (classes, per-class cap, validation split)."""
+    keys = {"train": ("classes", "train_per_class"), "val": ("eval_classes",)}.get(split, ("eval_classes",))
+    selection = {k: OmegaConf.select(data_cfg, k, default=None) for k in keys}
+    validation = OmegaConf.select(data_cfg, "validation", default=None)
+    if split != "test" and validation is not None and float(validation.get("fraction") or 0) > 0:
+        selection["validation"] = OmegaConf.to_container(validation, resolve=True)
     if all(v is None for v in selection.values()):
         return f"{data_cfg.name}-{split}"
     tag = hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()[:8]

@@ -1,16 +1,26 @@
-"""Evidence of the compatibility methods on the shared CIFAR-10 (old: classes 0-4, new: 0-9).
+"""Evidence of the compatibility methods on the shared CIFAR-10 (old: classes 0-4, new: 0-9), over seeds.
 
 Trains every method's experiment with the CLIs (``cifar10_<method>``; with ``--scenario external``
-the deployed old model is the third-party ResNet-20, ``cifar10_external_<method>``), evaluates each
-new model against the old one on the 10-class test split, and writes
-``docs/results/cifar10_methods.json`` / ``.md`` (or ``cifar10_external_methods.*``): per method
-old/old, new/new, new/old top-1/top-5/mAP/mAP@R, the empirical compatibility criterion on top-1
-and mAP, the update gain, and the training-step time relative to ``independent`` measured in the
-same run.
+the deployed old model is the third-party ResNet-20, ``cifar10_external_<method>``) once per seed
+(the old model is fixed), evaluates each new model against the old one on the 10-class test split,
+and writes ``docs/results/cifar10_methods.json`` / ``.md`` (or ``cifar10_external_methods.*``):
+per method and seed old/old, new/new, new/old top-1/top-5/mAP/mAP@R, the empirical compatibility
+criterion on top-1 and mAP, the update gain, the training-step time relative to the like-for-like
+independent model of the same seed, and the run's wall time; the table gives mean and spread over seeds.
 
-    python -m tools.run_cifar10_methods                       # internal scenario
-    python -m tools.run_cifar10_methods --scenario external   # third-party old model
-    python -m tools.run_cifar10_methods --methods bct oca -- trainer.device=cuda
+Two independent baselines are trained per seed, because the methods classify different things:
+``independent`` classifies the raw projection (BCT in the paper's form, and the post-hoc maps, which
+reuse it); ``independent (normalized)`` classifies the L2-normalised feature, as OCA, BT² and the
+prototype form of BCT do (and BT² distils from it). Each row names the baseline it is measured against.
+
+    python -m tools.run_cifar10_methods                               # internal scenario, seeds 1 2
+    python -m tools.run_cifar10_methods --scenario external
+    python -m tools.run_cifar10_methods --methods bct oca --seeds 1 -- trainer.device=cuda
+    python -m tools.run_cifar10_methods --variant 'oca method.influence_scale=10'
+
+Runs whose version directory exists are reused (``--no-reuse`` retrains); a run cut short resumes
+from its checkpoint. The results files are rewritten after every run, so a long invocation that is
+stopped keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,30 +30,77 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tools._runner import REPO, evaluate, machine, pct, train, write_json
 
 METRICS = ("top1", "top5", "mAP", "mAP@R")
-METHODS = ("bct", "oca", "bt2", "lambda_orth", "fct")
+METHODS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
 POST_HOC = ("lambda_orth", "fct")  # fit a map between the independent new model and the old space
+NORMALIZED = "classifier_input=normalized"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the table: what to train, and which independent model it is measured against."""
+
+    label: str
+    experiment: str  # without the scenario prefix
+    overrides: tuple[str, ...] = ()
+    baseline: str = "raw"  # raw | normalized
+    run_name: str = ""
+
+    def name(self, prefix: str) -> str:
+        return prefix + (self.run_name or self.experiment)
+
+
+BASELINES = {
+    "raw": Entry("independent", "independent_new"),
+    "normalized": Entry("independent (normalized)", "independent_new", (f"method.{NORMALIZED}",), "normalized",
+                        "independent_new_normalized"),
+}
+ENTRIES = {
+    "bct": Entry("bct (paper: old classifier on the raw feature)", "bct"),
+    "bct_prototypes": Entry("bct (prototypes: P on the normalised feature, weight 10)", "bct",
+                            ("method.variant=prototypes", f"method.{NORMALIZED}"), "normalized", "bct_prototypes"),
+    "oca": Entry("oca", "oca", baseline="normalized"),
+    "bt2": Entry("bt2", "bt2", baseline="normalized"),
+    "lambda_orth": Entry("lambda_orth", "lambda_orth"),
+    "fct": Entry("fct", "fct"),
+}
+
+
+@dataclass
+class Rows:
+    """Per-seed results of every entry, in table order."""
+
+    seeds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    baseline_of: dict[str, str] = field(default_factory=dict)
+
+    def add(self, label: str, baseline: str, row: dict[str, Any]) -> None:
+        self.seeds.setdefault(label, []).append(row)
+        self.baseline_of[label] = baseline
 
 
 def _row(pairs: list[dict[str, Any]], query: str, gallery: str) -> dict[str, Any]:
     return next(p for p in pairs if p["query"] == query and p["gallery"] == gallery)
 
 
-def summarise(name: str, report: dict[str, Any], independent_self: dict[str, Any], step_ratio: float | None, wall_s: float | None) -> dict[str, Any]:
-    """One method's line: its three pairs, the criterion, the update gain and the cost."""
+def summarise(seed: int, report: dict[str, Any], baseline_self: dict[str, Any], step_ratio: float | None,
+              wall_s: float | None, images_per_s: float | None) -> dict[str, Any]:
+    """One seed of one method: its three pairs, the criterion, the update gain and the cost."""
     old_old, new_new, new_old = (_row(report["pairs"], q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
     gain = {}
     for metric in ("top1", "mAP"):
         # undefined unless the independent new model beats the old one: there is no gain to share
-        denominator = independent_self[metric] - old_old[metric]
+        denominator = baseline_self[metric] - old_old[metric]
         gain[metric] = None if denominator <= 0 else (new_old[metric] - old_old[metric]) / denominator
     return {
-        "method": name,
+        "seed": seed,
         "version_id": report["query_version"],
         "old/old": {m: old_old[m] for m in METRICS},
         "new/new": {m: new_new[m] for m in METRICS},
@@ -51,10 +108,33 @@ def summarise(name: str, report: dict[str, Any], independent_self: dict[str, Any
         "route": new_old["route"],
         "compatible": report["compatible"],
         "update_gain": gain,
-        "new_new_minus_independent": {m: new_new[m] - independent_self[m] for m in ("top1", "mAP")},
-        "step_time_vs_independent": step_ratio,
+        "new_new_minus_baseline": {m: new_new[m] - baseline_self[m] for m in ("top1", "mAP")},
+        "step_time_vs_baseline": step_ratio,
         "wall_s": wall_s,
+        "images_per_s": images_per_s,
     }
+
+
+def _stats(values: list[float | None]) -> dict[str, float | None]:
+    """Mean, min and max of the defined values (None when none is defined)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return {"mean": None, "min": None, "max": None}
+    return {"mean": float(np.mean(defined)), "min": float(min(defined)), "max": float(max(defined))}
+
+
+def aggregate(label: str, baseline: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over seeds of the numbers the table shows."""
+    out: dict[str, Any] = {"method": label, "baseline": baseline, "seeds": [r["seed"] for r in seeds],
+                           "route": seeds[0]["route"]}
+    for pair in ("old/old", "new/new", "new/old"):
+        out[pair] = {m: _stats([r[pair][m] for r in seeds]) for m in METRICS}
+    out["compatible"] = {m: sum(bool(r["compatible"][m]) for r in seeds) for m in ("top1", "mAP")}
+    out["update_gain"] = {m: _stats([r["update_gain"][m] for r in seeds]) for m in ("top1", "mAP")}
+    out["new_new_minus_baseline"] = {m: _stats([r["new_new_minus_baseline"][m] for r in seeds]) for m in ("top1", "mAP")}
+    for key in ("step_time_vs_baseline", "wall_s", "images_per_s"):
+        out[key] = _stats([r[key] for r in seeds])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", choices=("internal", "external"), default="internal",
                         help="internal: old = our model on classes 0-4; external: old = the third-party ResNet-20")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
+                        help="seeds of the new models (the old model is fixed); not the old model's seed 0, since a "
+                             "shared initialisation makes independently trained models partly compatible by accident")
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
@@ -70,52 +153,73 @@ def main(argv: list[str] | None = None) -> int:
                         help="train the new model of lambda_orth/fct inside their run (default: reuse the independent "
                              "new model and only fit the map, as deployments do)")
     parser.add_argument("--variant", action="append", default=[], metavar="'METHOD KEY=VALUE ...'",
-                        help="also train METHOD with these Hydra overrides, as its own row and version directory "
+                        help="also train METHOD with these Hydra overrides, as its own row and version directories "
                              "(repeatable), e.g. --variant 'oca method.influence_scale=10'")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
-    variants = []
+    entries = [ENTRIES[m] for m in args.methods]
     for text in args.variant:
         method, *extra = shlex.split(text)
         if method not in METHODS or not extra or not all("=" in o for o in extra):
             parser.error(f"--variant {text!r}: want a method ({', '.join(METHODS)}) followed by KEY=VALUE overrides")
-        variants.append((method, extra))
-    reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
+        base = ENTRIES[method]
+        overrides = (*base.overrides, *extra)
+        baseline = "normalized" if any(o.endswith(NORMALIZED) for o in overrides) else base.baseline
+        entries.append(Entry(f"{base.label} ({' '.join(extra)})", base.experiment, overrides, baseline,
+                             (base.run_name or base.experiment) + "__" + _slug(extra)))
+    if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
+        parser.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+
+    runs, overrides = args.runs, list(args.overrides)
     prefix = "cifar10_external_" if args.scenario == "external" else "cifar10_"
     old_name = "cifar10_external_old" if args.scenario == "external" else "cifar10_independent_old"
-    indep_name = "cifar10_external_independent_new" if args.scenario == "external" else "cifar10_independent_new"
     eval_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths"))]
+    reports_dir = runs / "reports"
+    name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
+    reuse = not args.no_reuse
 
     old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
     linked = [f"method.old_version={old['version_dir']}"]
-    indep = train(indep_name, runs=runs, overrides=overrides + linked, reuse=reuse)
-    reports_dir = runs / "reports"
-    indep_report = evaluate(indep["version_dir"], old["version_dir"], reports_dir / indep_name, overrides=eval_overrides)
-    independent_self = _row(indep_report["pairs"], "new", "new")
-    indep_step = indep["manifest"]["training"]["summary"].get("train/step_time_s")
+    rows, failed = Rows(), {}
+    needed = {"raw"} | {e.baseline for e in entries} | ({"normalized"} if "bt2" in args.methods else set())
 
-    rows = [summarise("independent", indep_report, independent_self, 1.0, indep["wall_s"])]
-    name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
-    failed: dict[str, str] = {}
-    jobs = [(method, method, prefix + method, []) for method in args.methods]
-    jobs += [(method, f"{method} ({' '.join(extra)})", prefix + method + "__" + _slug(extra), extra) for method, extra in variants]
-    for method, label, run_name, variant in jobs:
-        extra = linked + ([f"method.new_reference_version={indep['version_dir']}"] if method == "bt2" else [])
-        if method in POST_HOC and not args.retrain_post_hoc:
-            extra += [f"method.new_version={indep['version_dir']}", "trainer.epochs=0"]
-        if variant:
-            extra += [f"version_id={run_name}", *variant]
+    def run(entry: Entry, seed: int, extra: list[str], baseline: dict[str, Any] | None) -> dict[str, Any] | None:
+        run_name = f"{entry.name(prefix)}_s{seed}"
         try:
-            run = train(prefix + method, runs=runs, overrides=overrides + extra, reuse=reuse, name=run_name)
-            report = evaluate(run["version_dir"], old["version_dir"], reports_dir / run_name, overrides=eval_overrides)
+            trained = train(prefix + entry.experiment, runs=runs, name=run_name, reuse=reuse,
+                            overrides=overrides + linked + [f"seed={seed}", f"version_id={run_name}", *entry.overrides, *extra])
+            report = evaluate(trained["version_dir"], old["version_dir"], reports_dir / run_name, overrides=eval_overrides)
         except subprocess.CalledProcessError as exc:  # report the others; say which failed
-            failed[label] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
-            print(f"[failed] {label}: {failed[label]}", flush=True)
-            continue
-        step = run["manifest"]["training"]["summary"].get("train/step_time_s")
-        ratio = None if not (step and indep_step) else step / indep_step
-        rows.append(summarise(label, report, independent_self, ratio, run["wall_s"]))
-        _write(args, name, old, rows, failed, argv)  # after every method: a cut-short run keeps what it measured
+            failed[f"{entry.label} seed {seed}"] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
+            print(f"[failed] {entry.label} seed {seed}", flush=True)
+            return None
+        summary = trained["manifest"]["training"]["summary"]
+        base_self = _row((baseline or {"report": report})["report"]["pairs"], "new", "new")
+        base_step = (baseline or trained)["manifest"]["training"]["summary"].get("train/step_time_s")
+        step = summary.get("train/step_time_s")
+        ratio = None if not (step and base_step) or entry.experiment in POST_HOC else step / base_step
+        rows.add(entry.label, entry.baseline, summarise(seed, report, base_self, ratio, trained["wall_s"],
+                                                        summary.get("train/images_per_s")))
+        _write(args, name, old, rows, failed, argv)  # after every run: a cut-short invocation keeps what it measured
+        return {**trained, "report": report}
+
+    for seed in args.seeds:
+        baselines: dict[str, dict[str, Any]] = {}
+        for key in ("raw", "normalized"):
+            if key in needed:
+                result = run(BASELINES[key], seed, [], None)
+                if result is not None:
+                    baselines[key] = result
+        for entry in entries:
+            if entry.baseline not in baselines or (entry.experiment == "bt2" and "normalized" not in baselines):
+                failed[f"{entry.label} seed {seed}"] = "its independent baseline failed"
+                continue
+            extra = []
+            if entry.experiment == "bt2":  # distils from the like-for-like independent model of the same seed
+                extra.append(f"method.new_reference_version={baselines['normalized']['version_dir']}")
+            if entry.experiment in POST_HOC and not args.retrain_post_hoc:
+                extra += [f"method.new_version={baselines[entry.baseline]['version_dir']}", "trainer.epochs=0"]
+            run(entry, seed, extra, baselines[entry.baseline])
     _write(args, name, old, rows, failed, argv)
     return 1 if failed else 0
 
@@ -129,7 +233,8 @@ def _slug(overrides: list[str]) -> str:
     return "__".join(parts)
 
 
-def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[dict[str, Any]], failed: dict[str, str], argv: list[str] | None) -> None:
+def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows, failed: dict[str, str],
+           argv: list[str] | None) -> None:
     payload = {
         "scenario": args.scenario,
         "protocol": (
@@ -140,7 +245,9 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[
         "command": "python -m tools.run_cifar10_methods " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "old_version": old["manifest"]["version_id"],
-        "methods": rows,
+        "old_wall_s": old["wall_s"],
+        "methods": [aggregate(label, rows.baseline_of[label], seeds) for label, seeds in rows.seeds.items()],
+        "per_seed": rows.seeds,
         "failed": failed,
     }
     write_json(args.out / f"{name}.json", payload)
@@ -149,41 +256,57 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: list[
     print(md, flush=True)
 
 
+def _mean_spread(s: dict[str, float | None], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
+    if s["mean"] is None:
+        return "—"
+    text = fmt.format(scale * s["mean"])
+    if s["max"] != s["min"]:
+        text += " ±" + fmt.format(scale * (s["max"] - s["min"]) / 2)
+    return text
+
+
 def render(payload: dict[str, Any]) -> str:
     lines = [
         f"# Compatibility methods on the shared CIFAR-10 ({payload['scenario']} old model)",
         "",
-        f"{payload['protocol']}. Values in %; made by `{payload['command'].strip()}`.",
+        f"{payload['protocol']}. Values in %, mean ± half the range over the seeds; made by "
+        f"`{payload['command'].strip()}`.",
         "",
-        "| method | old/old top-1 / mAP | new/new top-1 / mAP | new/old top-1 / top-5 / mAP / mAP@R | ECC top-1 | ECC mAP | gain top-1 / mAP | Δ new/new vs indep. top-1 / mAP | step time × indep. | wall time (min) | route |",
-        "|---|---|---|---|---|---|---|---|---:|---:|---|",
+        "| method | baseline | seeds | old/old top-1 / mAP | new/new top-1 / mAP | new/old top-1 / mAP | ECC top-1 | ECC mAP "
+        "| gain top-1 / mAP | Δ new/new vs baseline top-1 / mAP | step time × baseline | min per run | route |",
+        "|---|---|---|---|---|---|---|---|---|---|---:|---:|---|",
     ]
     for r in payload["methods"]:
+        n = len(r["seeds"])
         oo, nn, no = r["old/old"], r["new/new"], r["new/old"]
-        gain = " / ".join("—" if r["update_gain"][m] is None else f"{r['update_gain'][m]:.2f}" for m in ("top1", "mAP"))
-        delta = " / ".join(f"{100 * r['new_new_minus_independent'][m]:+.1f}" for m in ("top1", "mAP"))
-        ratio = "—" if r["step_time_vs_independent"] is None else f"{r['step_time_vs_independent']:.2f}"
-        wall = "—" if r["wall_s"] is None else f"{r['wall_s'] / 60:.1f}"
+        gain = " / ".join(_mean_spread(r["update_gain"][m], 1.0, "{:.2f}") for m in ("top1", "mAP"))
+        delta = " / ".join(_mean_spread(r["new_new_minus_baseline"][m], 100.0, "{:+.1f}") for m in ("top1", "mAP"))
+        ratio = _mean_spread(r["step_time_vs_baseline"], 1.0, "{:.2f}")
+        wall = _mean_spread(r["wall_s"], 1 / 60, "{:.1f}")
         lines.append(
-            f"| {r['method']} | {pct(oo['top1'])} / {pct(oo['mAP'])} | {pct(nn['top1'])} / {pct(nn['mAP'])} | "
-            f"{' / '.join(pct(no[m]) for m in METRICS)} | {'yes' if r['compatible']['top1'] else 'no'} | "
-            f"{'yes' if r['compatible']['mAP'] else 'no'} | {gain} | {delta} | {ratio} | "
-            f"{wall} | {r['route']} |"
+            f"| {r['method']} | {r['baseline']} | {', '.join(map(str, r['seeds']))} | "
+            f"{_mean_spread(oo['top1'])} / {_mean_spread(oo['mAP'])} | {_mean_spread(nn['top1'])} / {_mean_spread(nn['mAP'])} | "
+            f"{_mean_spread(no['top1'])} / {_mean_spread(no['mAP'])} | {r['compatible']['top1']}/{n} | "
+            f"{r['compatible']['mAP']}/{n} | {gain} | {delta} | {ratio} | {wall} | {r['route']} |"
         )
     for method, reason in payload.get("failed", {}).items():
-        lines.append(f"| {method} | failed: {reason} |" + " |" * 9)
+        lines.append(f"| {method} | failed: {reason} |" + " |" * 11)
     m = payload["machine"]
+    old_wall = payload.get("old_wall_s")
     lines += [
         "",
-        "ECC: the empirical compatibility criterion M(new, old) > M(old, old). Update gain: "
-        "[M(new, old) − M(old, old)] / [M(indep. new, indep. new) − M(old, old)], — when the independent new model does "
-        "not beat the old one (then no method can satisfy the criterion either). Step time: median seconds per "
-        "training step (data loading excluded) of each training run relative to the independent model's run; runs "
-        "reused from earlier invocations may have met other load, so the like-for-like ratio is "
-        f"`docs/results/step_time_{payload['scenario']}.md` (`python -m tools.bench_step_time`, all methods back to back "
-        "in one process). Post-hoc maps (lambda_orth, fct) reuse the independent new model unless run with "
-        "--retrain-post-hoc, so they have no training steps: their cost is the map fit, in the wall-time column.",
+        "Baseline: the independent new model of the same seed the row is measured against — `raw` classifies the "
+        "projection, `normalized` the L2-normalised feature (as OCA, BT² and BCT's prototype form classify theirs). "
+        "ECC: seeds satisfying the empirical compatibility criterion M(new, old) > M(old, old). Update gain: "
+        "[M(new, old) − M(old, old)] / [M(baseline, baseline) − M(old, old)], — when the baseline does "
+        "not beat the old model (then no method can satisfy the criterion either). Step time: median seconds per "
+        "training step (data loading excluded) relative to the baseline's run of the same seed; runs "
+        "reused from earlier invocations may have met other load. Post-hoc maps (lambda_orth, fct) reuse the "
+        "independent new model unless run with --retrain-post-hoc, so they have no training steps: their cost is the "
+        "map fit, in the minutes column. New/old for the independent baselines is the raw cross-test (no route).",
         "",
+        f"The old model ({payload['old_version']}) is fixed across seeds"
+        + (f"; its run took {old_wall / 60:.1f} min" if old_wall else "") + ".",
         f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}.",
     ]
     return "\n".join(lines) + "\n"

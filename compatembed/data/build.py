@@ -15,13 +15,17 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from compatembed.data._common import LabeledImageDataset, Transform
 from compatembed.data.array_cache import decode_to_array
+from compatembed.data.holdout import HoldoutSplit
 from compatembed.data.subset import ClassSubset, parse_classes
 from compatembed.errors import CompatEmbedError, ConfigError, DataError
 
 _logger = logging.getLogger(__name__)
 
-SPLITS: dict[str, str] = {"train": "classes", "test": "eval_classes"}
-"""Splits ``build_dataset`` knows, each with the config key holding its class selection."""
+SPLITS: dict[str, str] = {"train": "classes", "val": "eval_classes", "test": "eval_classes"}
+"""Splits ``build_dataset`` knows, each with the config key holding its class selection.
+
+``val`` is carved out of the training source (``data.validation``); it is evaluated like ``test``
+(all evaluation classes), so settings can be chosen on it without touching the test split."""
 
 _PATH_KEYS = ("path", "root")
 
@@ -116,12 +120,15 @@ def build_dataset(
     batches are then augmented as tensors), ``stream`` decodes each image when it is read, and
     ``auto`` (the default) takes ``array`` unless the decoded split would exceed
     ``data.array_cache_max_gb``.
+    ``data.validation.fraction`` > 0 holds out that share of every class of the training source,
+    drawn with ``data.validation.seed`` (:class:`~compatembed.data.holdout.HoldoutSplit`): ``"val"``
+    yields the held-out items and ``"train"`` the rest, so the two never overlap.
     Labels and item ids are those of the full split (see :class:`ClassSubset`).
 
     Args:
         data_cfg: The ``data`` node of a composed config (interpolations such as
             ``${paths.data_root}`` resolve against its root) or an equivalent plain dict.
-        split: ``"train"`` or ``"test"``.
+        split: ``"train"``, ``"val"`` (needs ``data.validation.fraction`` > 0) or ``"test"``.
         transform: Passed to the dataset's constructor; applied to each PIL image.
 
     Returns:
@@ -136,9 +143,15 @@ def build_dataset(
     if split not in SPLITS:
         raise ConfigError(f"unknown data split {split!r}; known: {', '.join(SPLITS)}")
     cfg = data_cfg if isinstance(data_cfg, DictConfig) else OmegaConf.create(dict(data_cfg))
-    node = _resolve_split(cfg, split)
-    _check_paths(node, split)
-    dataset = _serve(_instantiate(node, split, transform), cfg, split)
+    source = "train" if split == "val" else split
+    node = _resolve_split(cfg, source)
+    fraction = float(_optional(cfg, "validation.fraction") or 0.0)
+    if split == "val" and fraction <= 0:
+        raise ConfigError("data split 'val' needs data.validation.fraction > 0 (the share of each class held out)")
+    _check_paths(node, source)
+    dataset = _serve(_instantiate(node, source, transform), cfg, source)
+    if fraction > 0 and source == "train":
+        dataset = HoldoutSplit(dataset, fraction=fraction, seed=int(_optional(cfg, "validation.seed") or 0), part=split)
     declared = None if "num_classes" not in cfg or OmegaConf.is_missing(cfg, "num_classes") else cfg.num_classes
     if declared is not None and int(declared) != len(dataset.classes):
         raise DataError(f"data.num_classes={declared} but data.{split} has {len(dataset.classes)} classes")

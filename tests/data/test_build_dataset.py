@@ -55,8 +55,8 @@ def test_no_selection_returns_the_dataset_itself() -> None:
 
 
 def test_unknown_split() -> None:
-    with pytest.raises(ConfigError, match="unknown data split 'val'; known: train, test"):
-        build_dataset(_synthetic_cfg(), "val")
+    with pytest.raises(ConfigError, match="unknown data split 'valid'; known: train, val, test"):
+        build_dataset(_synthetic_cfg(), "valid")
 
 
 def test_missing_path_message(tmp_path: Path) -> None:
@@ -144,7 +144,7 @@ def test_group_files_compose_with_hydra(name: str) -> None:
         cfg = compose(overrides=[f"+data={name}", "+paths.data_root=/data"])
     data = cfg.data
     assert set(data) == {"name", "num_classes", "classes", "eval_classes", "train_per_class", "augment", "pipeline",
-                         "array_cache_max_gb", "cache_dir", "train", "test", "loader"}
+                         "array_cache_max_gb", "cache_dir", "validation", "train", "test", "loader"}
     assert data.augment in AUGMENTATIONS and data.pipeline in PIPELINES
     assert data.name == name and data.classes is None and data.eval_classes is None
     assert set(data.loader) == {"batch_size", "eval_batch_size", "num_workers"}
