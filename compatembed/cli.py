@@ -19,7 +19,7 @@ T = TypeVar("T")
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+def compose_config(config_name: str, overrides: Sequence[str] = (), *, return_hydra_config: bool = False) -> DictConfig:
     """``config_name`` (``train``, ``eval``, ``report``...) from ``conf/`` with ``overrides``, outside ``@hydra.main``.
 
     For code that runs several configs in one process (the demo, the tools, the tests): Hydra's global
@@ -31,7 +31,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
     finally:
         GlobalHydra.instance().clear()
 

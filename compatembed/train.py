@@ -157,10 +157,60 @@ def train(cfg: DictConfig) -> Path:
     return out
 
 
+def validate(cfg: DictConfig, version_dir: Path) -> dict[str, Any]:
+    """Evaluate a trained version on the validation split; writes ``<version_dir>/validation/report.{json,md}``.
+
+    The query is the new version and the gallery its old version (``method.old_version``), or the
+    version itself when it has none; new/old follows the version's compatibility route. This is the
+    number sweeps compare (``conf/hparams_search``): settings are chosen on ``val``, never on ``test``.
+
+    Raises:
+        ConfigError: ``data.validation.fraction`` is not positive (there is no validation split).
+    """
+    from compatembed.evaluate import evaluate
+
+    _check_validation(cfg)
+    old = OmegaConf.select(cfg, "method.old_version", default=None)
+    eval_cfg = OmegaConf.create({
+        "query": str(version_dir), "gallery": str(old or version_dir), "split": "val", "leave_one_out": True,
+        "topk": [1, 5], "route": "auto", "backend": str(cfg.validation.backend), "out": str(version_dir / "validation"),
+        "device": str(cfg.trainer.device), "batch_size": int(cfg.data.loader.eval_batch_size),
+        "num_workers": cfg.data.loader.num_workers, "progress": bool(cfg.trainer.progress),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    })
+    return evaluate(eval_cfg)
+
+
+def _check_validation(cfg: DictConfig) -> None:
+    if float(OmegaConf.select(cfg, "data.validation.fraction", default=0.0) or 0.0) <= 0:
+        raise ConfigError("validation.enabled=true needs data.validation.fraction > 0 (a split held out of training)")
+
+
+def sweep_metric(report: dict[str, Any], metric: str) -> float:
+    """The number a sweep maximises: ``metric`` of new/old when the version has an old one, else of new/new."""
+    pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
+    key = ("new", "old") if report["query_version"] != report["gallery_version"] else ("new", "new")
+    return float(pairs[key][metric])
+
+
+def train_and_validate(cfg: DictConfig) -> tuple[Path, float | None]:
+    """:func:`train`, then :func:`validate` when ``validation.enabled``; returns the version and the sweep metric."""
+    if bool(cfg.validation.enabled):
+        _check_validation(cfg)  # before the training, not after it
+    out = train(cfg)
+    if not bool(cfg.validation.enabled):
+        return out, None
+    report = validate(cfg, out)
+    return out, sweep_metric(report, str(cfg.validation.metric))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
-    out = run_cli(lambda: train(cfg))
+def _hydra_main(cfg: DictConfig) -> float | None:
+    out, metric = run_cli(lambda: train_and_validate(cfg))
     print(f"model version written to {out}")
+    if metric is not None:
+        print(f"validation {cfg.validation.metric}: {100 * metric:.2f}% (written to {out / 'validation' / 'report.md'})")
+    return metric  # what a Hydra sweeper optimises
 
 
 def main() -> None:

@@ -52,3 +52,12 @@ def test_a_misspelt_key_fails(compose):
 def test_cli_configs_compose(name, compose):
     cfg = compose(name, ["query=x", "gallery=y"] if name == "eval" else ["version=x"])
     assert cfg.split == "test"
+
+
+@pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, compose):
+    experiment = {"oca_influence": "cifar10_oca", "bt2_scale": "cifar10_bt2"}[search]
+    cfg = compose("train", [f"experiment={experiment}", f"hparams_search={search}"], return_hydra_config=True)
+    assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key

@@ -1,0 +1,37 @@
+"""Training then validating on the held-out split: the number a sweep compares, written next to the version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from compatembed.cli import compose_config
+from compatembed.errors import ConfigError
+from compatembed.train import train_and_validate
+
+TINY = ["data=synthetic", "model=cifar_resnet20", "model.embed_dim=16", "trainer.progress=false", "trainer.epochs=1",
+        "trainer.num_threads=1", "data.validation.fraction=0.2", "validation.enabled=true"]
+
+
+def test_validation_report_is_on_the_val_split_and_is_the_returned_metric(tmp_path: Path) -> None:
+    old, metric_old = train_and_validate(compose_config("train", TINY + ["data.classes=0-4", f"output_dir={tmp_path / 'old'}",
+                                                                          "version_id=old"]))
+    report = json.loads((old / "validation" / "report.json").read_text())
+    assert report["split"] == "val" and report["query_version"] == report["gallery_version"] == "old"
+    assert metric_old == next(r["mAP"] for r in report["pairs"] if r["query"] == r["gallery"] == "new")
+
+    new, metric_new = train_and_validate(compose_config("train", TINY + [f"method.old_version={old}", "version_id=new",
+                                                                          f"output_dir={tmp_path / 'new'}", "validation.metric=top1"]))
+    report = json.loads((new / "validation" / "report.json").read_text())
+    assert report["gallery_version"] == "old"
+    assert metric_new == next(r["top1"] for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
+    embeddings = json.loads(next((new / "embeddings").glob("synthetic-val-*/meta.json")).read_text())
+    assert embeddings["split"] == "val" and embeddings["count"] == 40  # 20% of 10 classes x 20 items
+
+
+def test_validation_without_a_held_out_split_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.validation.fraction"):
+        train_and_validate(compose_config("train", TINY[:-2] + ["validation.enabled=true", f"output_dir={tmp_path}"]))
+    assert not (tmp_path / "checkpoints").exists()  # refused before any training
