@@ -10,8 +10,10 @@
    deployment gate's verdict, and says where it is.
 
 It uses the same Hydra configs as ``compatembed-train`` (``experiment=cifar10_independent_old`` and
-``experiment=cifar10_<method>``) on a per-class subset of the training split, so the numbers are lower
-than the full experiments'. ``--synthetic`` runs the same story on generated images in a minute (tests).
+``experiment=cifar10_<method>``) on the whole training split with fewer epochs (4 instead of 6), so the
+numbers are a little lower than the full experiments'. The report ends with a picture of a few queries
+and their top-5 neighbours under the old model, the new model on the old gallery, and the new model on
+the mixed gallery. ``--synthetic`` runs the same story on generated images in a minute (tests).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ _logger = logging.getLogger(__name__)
 
 def _train_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], list[str], list[str]]:
     """(common, old, new) training overrides for the real or the synthetic story."""
-    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={args.per_class}",
+    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={'null' if args.per_class is None else args.per_class}",
               f"trainer.progress={str(not args.no_progress).lower()}"]
     if args.data_root:
         common.append(f"paths.data_root={args.data_root}")
@@ -61,6 +63,44 @@ def _top1(service: Any, version: str, queries: np.ndarray, query_ids: np.ndarray
     return hits / len(queries), answered
 
 
+def _neighbours(service: Any, version: str, queries: np.ndarray, query_ids: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+    """The top-``k`` hits of each query through the service, its own item skipped."""
+    res = service.search("photos", version, queries, k=k + 1)
+    return [[h for h in res.hits(i) if h["id"] != int(query_ids[i])][:k] for i in range(len(queries))]
+
+
+def _picture_queries(labels: np.ndarray, count: int) -> np.ndarray:
+    """Row positions of ``count`` queries from distinct classes, alternating old (0-4) and new (5-9) classes."""
+    rng = np.random.default_rng(7)
+    classes = sorted(set(labels.tolist()))
+    old_c, new_c = [c for c in classes if c < 5], [c for c in classes if c >= 5]
+    order = [c for pair in zip(rng.permutation(old_c).tolist(), rng.permutation(new_c).tolist()) for c in pair]
+    order += [c for c in classes if c not in order]
+    return np.array([rng.choice(np.flatnonzero(labels == c)) for c in order[:count]], dtype=np.int64)
+
+
+def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[dict[str, Any]]]], query_ids: np.ndarray,
+                      query_labels: np.ndarray) -> Path:
+    """The picture of what compatibility means: each query's top-5 under every search, right ones in green."""
+    from compatembed.data import build_dataset
+    from compatembed.eval.plots import plot_neighbours
+
+    images = build_dataset(data_cfg, "test")  # no transform: PIL images, the decoded array when cached
+    position = {int(i): p for p, i in enumerate(images.ids)}
+    names = images.classes
+
+    def picture(item_id: int) -> np.ndarray:
+        return np.asarray(images[position[int(item_id)]][0])
+
+    queries = []
+    for row, (item_id, label) in enumerate(zip(query_ids, query_labels)):
+        results = {name: [{"image": picture(h["id"]), "label": names[int(h["metadata"]["label"])], "version": h["version"]}
+                          for h in hits[row]] for name, hits in searches.items()}
+        queries.append({"image": picture(item_id), "label": names[int(label)], "results": results})
+    return plot_neighbours(queries, list(searches), out / "neighbours.png",
+                           title="Top-5 neighbours of test queries (green: same class); caption: the version that stored the hit")
+
+
 def run(args: argparse.Namespace) -> Path:
     """Run the story; returns the path of ``report.md``."""
     from compatembed_index.api import IndexService
@@ -83,7 +123,8 @@ def run(args: argparse.Namespace) -> Path:
     # resume against versions or an index left by the previous one.
     for part in ("old", "new", "index", "report"):
         shutil.rmtree(out / part, ignore_errors=True)
-    print(f"[1/5] training the old model on classes 0-4 ({args.per_class} images per class, {args.epochs} epochs) and deploying it")
+    per_class = "all" if args.per_class is None else args.per_class
+    print(f"[1/5] training the old model on classes 0-4 ({per_class} images per class, {args.epochs} epochs) and deploying it")
     old_dir = train(compose_config("train", common + old_o))
     old = load_or_extract(old_dir, data_cfg, "test", **extract)
     service = IndexService(out / "index", max_k=10)
@@ -94,6 +135,8 @@ def run(args: argparse.Namespace) -> Path:
         service.set_alias("photos", "gallery")
         q = np.random.default_rng(0).choice(len(old), size=min(len(old), args.queries), replace=False)
         base, _ = _top1(service, "demo_old", old.embeddings[q], old.ids[q], old.labels[q])
+        pq = _picture_queries(old.labels, args.picture_queries)  # a few queries to look at, from old and new classes
+        searches = {"old model,\nold gallery": _neighbours(service, "demo_old", old.embeddings[pq], old.ids[pq])}
         print(f"      deployed: {len(old)} test images indexed as 'photos' ({old.embeddings.shape[1]}-d); "
               f"old queries top-1 {100 * base:.1f}%")
 
@@ -108,6 +151,7 @@ def run(args: argparse.Namespace) -> Path:
         order = np.argsort(new.ids)[np.searchsorted(np.sort(new.ids), old.ids)]  # new rows in the old rows' item order
         new_emb = new.embeddings[order]
         cross, _ = _top1(service, "demo_new", new_emb[q], old.ids[q], old.labels[q])
+        searches["new model,\nold gallery"] = _neighbours(service, "demo_new", new_emb[pq], old.ids[pq])
         print(f"      new queries on the old gallery: top-1 {100 * cross:.1f}% (old queries: {100 * base:.1f}%)")
 
         n_up = int(round(args.upgrade * len(old)))
@@ -115,6 +159,7 @@ def run(args: argparse.Namespace) -> Path:
         up = np.random.default_rng(1).permutation(len(old))[:n_up]
         service.upgrade("gallery", "demo_new", old.ids[up], new_emb[up])
         mixed, answered = _top1(service, "demo_new", new_emb[q], old.ids[q], old.labels[q])
+        searches["new model,\nmixed gallery"] = _neighbours(service, "demo_new", new_emb[pq], old.ids[pq])
         print(f"      mixed gallery: top-1 {100 * mixed:.1f}%; top hits came from {answered}")
     finally:
         service.close()
@@ -125,6 +170,16 @@ def run(args: argparse.Namespace) -> Path:
                          f"mixed.max_queries={args.report_queries}", "backfill.seeds=[0,1]",
                          "title='compatembed-demo: old model on classes 0-4 and a compatible new model on 0-9'"]
     report = build_report(compose_config("report", report_o))
+    picture = _write_neighbours(out / "report", data_cfg, searches, old.ids[pq], old.labels[pq])
+    with open(out / "report" / "report.md", "a") as handle:  # the report's own sections come first
+        handle.write(
+            "\n## What compatibility looks like\n\n"
+            f"{len(pq)} test queries (from old and new classes) and their top-5 neighbours: the old model searching the "
+            "deployed old gallery; the new model searching that same gallery, no item re-embedded; the new model "
+            f"searching the gallery after {100 * args.upgrade:.0f}% of it was upgraded. Green: same class as the query. "
+            "Each hit's caption names the model version that stored it.\n\n"
+            f"![query neighbours]({picture.name})\n"
+        )
     minutes = (time.perf_counter() - started) / 60
     gate = report["gate"]
     print()
@@ -132,7 +187,7 @@ def run(args: argparse.Namespace) -> Path:
     print(f"  model versions: {old_dir}, {new_dir}; index data: {out / 'index'} (alias 'photos')")
     print(f"  deployment gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['reason']}")
     print(f"  report: {out / 'report' / 'report.md'} (plots: {out / 'report' / 'matrix_heatmap.png'}, "
-          f"{out / 'report' / 'backfill.png'})")
+          f"{out / 'report' / 'backfill.png'}, {picture})")
     return out / "report" / "report.md"
 
 
@@ -141,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="where the model versions, the index and the report go (default: runs/demo)")
     parser.add_argument("--data-root", default=None, help="folder holding cifar10-jpeg/{train,test}.tar (default: ../shared/data or $COMPATEMBED_DATA_ROOT)")
-    parser.add_argument("--per-class", type=int, default=500, help="training images per class (default: 500)")
+    parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all 5,000)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model (default: 4)")
     parser.add_argument("--method", choices=("oca", "bct"), default="oca", help="compatible training method (default: oca)")
     parser.add_argument("--upgrade", type=float, default=0.3, help="fraction of the gallery re-embedded in step 4 (default: 0.3)")
@@ -149,12 +204,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-queries", type=int, default=1000,
                         help="queries of the mixed-gallery and backfill evaluations, each ranking the whole gallery (default: 1000)")
     parser.add_argument("--gate-metric", default="top1", help="metric of the deployment gate (default: top1)")
+    parser.add_argument("--picture-queries", type=int, default=4,
+                        help="queries shown with their top-5 neighbours in the report's picture (default: 4)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--synthetic", action="store_true", help="generated images and a tiny model (a one-minute check)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if not 0.0 <= args.upgrade <= 1.0:
         parser.error("--upgrade must be a fraction in [0, 1]")
+    if args.picture_queries < 1 or (args.per_class is not None and args.per_class < 1) or args.epochs < 1:
+        parser.error("--picture-queries, --per-class and --epochs must be positive")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_cli(lambda: run(args))
     return 0

@@ -21,8 +21,14 @@ def test_demo_tells_the_whole_story(tmp_path, capsys):
     assert report["matrix"]["versions"] == ["demo_old", "demo_new"]
     assert report["gate"]["deployed"] == "demo_old" and report["gate"]["candidate"] == "demo_new"
     assert report["backfill"]["curves"] and report["mixed"]["rows"]
-    for name in ("report.md", "matrix.csv", "backfill.csv", "matrix_heatmap.png", "backfill.png"):
+    for name in ("report.md", "matrix.csv", "backfill.csv", "matrix_heatmap.png", "backfill.png", "neighbours.png"):
         assert (out / "report" / name).is_file(), name
+    md = (out / "report" / "report.md").read_text()
+    assert "## What compatibility looks like" in md and "![query neighbours](neighbours.png)" in md
+    from PIL import Image
+
+    with Image.open(out / "report" / "neighbours.png") as picture:  # 4 queries x 3 searches, 1 + 5 images each
+        assert picture.size[0] > 600 and picture.size[1] > 1000
 
     # the deployed index survives the demo: the alias points at a gallery of both versions (half upgraded)
     from compatembed_index.api import IndexService

@@ -1,4 +1,4 @@
-"""PNG plots of a compatibility report: the matrix heatmap and the backfill curves (matplotlib ``Agg``).
+"""PNG plots of a compatibility report: the matrix heatmap, the backfill curves and query neighbours (matplotlib ``Agg``).
 
 matplotlib is imported on use with the non-interactive ``Agg`` backend, so plotting works on a server
 without a display and importing this module costs nothing.
@@ -102,6 +102,65 @@ def plot_backfill(
         ax.legend(fontsize=7)
     fig.suptitle(f"Backfill {backfill['old']} → {backfill['new']}: queries of {backfill['new']} through the index service",
                  fontsize=9)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_neighbours(
+    queries: Sequence[Mapping[str, Any]],
+    searches: Sequence[str],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """A grid of query images with their nearest neighbours under several searches, right or wrong marked.
+
+    Each query takes one row per search: the query image, then its neighbours in rank order, each framed
+    green when it shares the query's label and red when not; the row is named by the search (e.g. "old
+    model, old gallery", "new model, old gallery", "new model, mixed gallery"), and a neighbour's
+    caption says which stored version it came from.
+
+    Args:
+        queries: One mapping per query: ``image`` (``(H, W, 3)`` uint8), ``label`` (class name) and
+            ``results``, a mapping from each name in ``searches`` to a list of neighbours, each a
+            mapping with ``image``, ``label`` and ``version``.
+        searches: Row names, in display order.
+        path: The PNG to write.
+        title: Figure title.
+
+    Returns:
+        ``path``.
+    """
+    plt = _pyplot()
+    k = max((len(q["results"][s]) for q in queries for s in searches), default=0)
+    rows = len(queries) * len(searches)
+    fig, axes = plt.subplots(rows, k + 1, figsize=(1.35 * (k + 1) + 1.6, 1.45 * rows), squeeze=False)
+    for qi, query in enumerate(queries):
+        for si, search in enumerate(searches):
+            r = qi * len(searches) + si
+            ax = axes[r][0]
+            ax.imshow(query["image"])
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_ylabel(search, rotation=0, ha="right", va="center", fontsize=7)
+            ax.set_title(f"query: {query['label']}" if si == 0 else "", fontsize=7)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("black"), spine.set_linewidth(1.5)
+            for j in range(k):
+                ax = axes[r][j + 1]
+                ax.set_xticks([]), ax.set_yticks([])
+                hits = query["results"][search]
+                if j >= len(hits):
+                    ax.axis("off")
+                    continue
+                hit = hits[j]
+                ax.imshow(hit["image"])
+                ok = hit["label"] == query["label"]
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("#1a9850" if ok else "#d73027"), spine.set_linewidth(3)
+                ax.set_title(f"{j + 1}. {hit['label']}", fontsize=6, color="#1a9850" if ok else "#d73027")
+                ax.set_xlabel(str(hit["version"]), fontsize=5)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, plt, path)
 
