@@ -52,7 +52,7 @@ def _train_classes(dataset: Dataset, num_classes: int) -> list[int]:
 def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
     """Build ``cfg.model`` and ``cfg.method`` and run the method's setup (frozen models, teacher features).
 
-    Shared by :func:`train` and the step-time benchmark (``tools/bench_step_time.py``), so both time
+    Shared by :func:`train` and the throughput benchmark (``tools/bench_throughput.py``), so both time
     exactly the method that training runs.
 
     Returns:

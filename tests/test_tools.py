@@ -43,3 +43,49 @@ def test_index_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     assert res["materialise"]["vectors"] == 2000
     md = out.with_suffix(".md").read_text()
     assert "median of rounds" in md and "a test" in md
+
+
+def _seed_row(seed, new_old_top1, compatible, gain):
+    pair = {"top1": new_old_top1, "top5": 0.9, "mAP": 0.3, "mAP@R": 0.2}
+    return {"seed": seed, "route": "prefix", "old/old": pair, "new/new": pair, "new/old": pair,
+            "compatible": {"top1": compatible, "mAP": True}, "update_gain": {"top1": gain, "mAP": None},
+            "new_new_minus_baseline": {"top1": -0.01, "mAP": 0.0}, "step_time_vs_baseline": 1.1,
+            "wall_s": 60.0 * seed, "images_per_s": 900.0}
+
+
+def test_methods_table_reports_mean_spread_and_how_many_seeds_pass():
+    from tools.run_cifar10_methods import _mean_spread, aggregate
+
+    agg = aggregate("oca", "normalized", [_seed_row(1, 0.40, True, 0.5), _seed_row(2, 0.44, False, 0.7)])
+    assert agg["seeds"] == [1, 2] and agg["baseline"] == "normalized"
+    assert agg["new/old"]["top1"] == {"mean": pytest.approx(0.42), "min": 0.40, "max": 0.44}
+    assert agg["compatible"] == {"top1": 1, "mAP": 2}
+    assert agg["update_gain"]["top1"]["mean"] == pytest.approx(0.6) and agg["update_gain"]["mAP"]["mean"] is None
+    assert _mean_spread(agg["new/old"]["top1"]) == "42.0 ±2.0"
+    assert _mean_spread(agg["update_gain"]["mAP"]) == "—"
+    assert _mean_spread(agg["wall_s"], 1 / 60) == "1.5 ±0.5"
+
+
+def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tools.collect_sweep import collect, render
+
+    for scale, m in ((1.0, 0.31), (10.0, 0.35)):
+        run = tmp_path / f"run_{scale}"
+        (run / "validation").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"method": {"influence_scale": scale}, "trainer": {"epochs": 6},
+                                         "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
+        pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
+        report = {"query_version": f"new{scale}", "gallery_version": "old", "split": "val",
+                  "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", m)],
+                  "compatible": {"top1": m > 0.3, "mAP": m > 0.3}}
+        (run / "validation" / "report.json").write_text(json.dumps(report))
+    payload = collect("oca_influence", tmp_path)
+    assert [r["params"]["method.influence_scale"] for r in payload["runs"]] == [10.0, 1.0]
+    assert payload["runs"][0]["metric"] == 0.35 and "new/old on the validation split" in payload["metric"]
+    assert "| 10.0 | 35.0 |" in render(payload)
+    with pytest.raises(SystemExit, match="no sweep config"):
+        collect("nope", tmp_path)

@@ -9,10 +9,12 @@ Trains with the CLIs (as every evidence tool does):
 
 Then runs ``compatembed-report`` on both chains (matrix, criterion, AC/AM, update gain against the
 independent models, mixed gallery and backfill curves through the index service, plots, and the gate of
-v3 against v2) and writes ``docs/results/chain/`` (the compatible chain's report.md, report.json, CSVs,
-PNGs; the independent chain's under ``independent/``; ``run.json`` with the machine and wall times).
+v3 against v2). v1 is fixed; v2, v3 and the independent chain are trained once per seed (``--seeds``).
+Writes ``docs/results/chain/s<seed>/`` per seed (the compatible chain's report.md, report.json, CSVs,
+PNGs; the independent chain's under ``independent/``) and ``docs/results/chain/summary.{json,md}``:
+AC and AM per metric, per seed and their mean and range, with the machine and wall times.
 
-    python -m tools.run_cifar10_chain                                # OCA at each step
+    python -m tools.run_cifar10_chain                                # OCA at each step, seeds 1 2
     python -m tools.run_cifar10_chain --method bct -- trainer.device=cuda data=cifar10_folder
     python -m tools.run_cifar10_chain --eval-backend torch -- trainer.device=cuda
 """
@@ -70,54 +72,87 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
     parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("--report-arg", action="append", default=[], help="extra compatembed-report override (repeatable)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of v2, v3 and the independent chain (v1 is fixed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
     reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
     started = time.perf_counter()
+    v1 = _train("chain_v1", "cifar10_independent_old", "0-3", runs, overrides, reuse=reuse)
+    report_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths", "trainer.device"))]
+    report_overrides = [o.replace("trainer.device", "device") for o in report_overrides] + list(args.report_arg)
+    per_seed = {}
+    for seed in args.seeds:
+        per_seed[seed] = _chain(args, seed, v1, runs / f"s{seed}", overrides + [f"seed={seed}"], report_overrides, reuse=reuse)
+        _write_summary(args, v1, per_seed, time.perf_counter() - started, overrides)
+    return 0
 
-    trained: dict[str, dict[str, Any]] = {}
-    trained["v1"] = _train("chain_v1", "cifar10_independent_old", "0-3", runs, overrides, reuse=reuse)
-    previous = trained["v1"]["version_dir"]
+
+def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, overrides: list[str],
+           report_overrides: list[str], *, reuse: bool) -> dict[str, Any]:
+    """Train v2, v3 and the independent chain of one seed and report both chains; returns the summary of the seed."""
+    trained: dict[str, dict[str, Any]] = {"v1": v1}
+    previous = v1["version_dir"]
     for name, classes in STEPS[1:]:
         extra = [f"method.old_version={previous}"]
         if args.method in ("oca", "bt2"):  # the embedding grows by extra_dims at each step
             extra += [f"method.extra_dims={args.extra_dims}", f"model.embed_dim={_dim(previous) + args.extra_dims}"]
         trained[name] = _train(f"chain_{args.method}_{name}", f"cifar10_{args.method}", classes, runs, overrides + extra, reuse=reuse)
         previous = trained[name]["version_dir"]
-    previous = trained["v1"]["version_dir"]
+    previous = v1["version_dir"]
     for name, classes in STEPS[1:]:
         key = "i" + name[1:]
         trained[key] = _train(f"chain_independent_{name}", "cifar10_independent_new", classes, runs,
                               overrides + [f"method.old_version={previous}"], reuse=reuse)
         previous = trained[key]["version_dir"]
-
-    report_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths", "trainer.device"))]
-    report_overrides = [o.replace("trainer.device", "device") for o in report_overrides] + list(args.report_arg)
+    out = args.out / f"s{seed}"
     independent = [trained["i2"]["version_dir"], trained["i3"]["version_dir"]]
-    compatible = _report([trained[v]["version_dir"] for v in ("v1", "v2", "v3")], independent, args.out,
-                         report_overrides + [f"title='Compatible chain ({args.method} at each step), classes 0-3 → 0-6 → 0-9'"])
-    indep = _report([trained["v1"]["version_dir"], *independent], independent, args.out / "independent",
-                    report_overrides + ["title='Independent chain (contrast), classes 0-3 → 0-6 → 0-9'"])
-    summary = {
-        "method": args.method,
-        "versions": {k: v["version_dir"] for k, v in trained.items()},
-        "train_wall_s": {k: v["wall_s"] for k, v in trained.items()},
-        "total_wall_s": time.perf_counter() - started,
-        "machine": machine(),
-        "overrides": overrides,
-        "compatible": {m: {"AC": compatible["summary"][m]["AC"], "AM": compatible["summary"][m]["AM"]} for m in compatible["metrics"]},
-        "independent": {m: {"AC": indep["summary"][m]["AC"], "AM": indep["summary"][m]["AM"]} for m in indep["metrics"]},
-        "gate": {"compatible": compatible["gate"], "independent": indep["gate"]},
-    }
-    write_json(args.out / "run.json", summary)
+    compatible = _report([trained[v]["version_dir"] for v in ("v1", "v2", "v3")], independent, out,
+                         report_overrides + [f"title='Compatible chain ({args.method} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
+    indep = _report([v1["version_dir"], *independent], independent, out / "independent",
+                    report_overrides + [f"title='Independent chain (contrast, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     for chain, rep in (("compatible", compatible), ("independent", indep)):
         parts = []
         for metric, s in rep["summary"].items():
             ac = "n/a" if s["AC"] is None else f"{100 * s['AC']:.0f}%"
             parts.append(f"{metric} AC {ac} AM {100 * s['AM']:.1f}%")
-        print(f"{chain}: {', '.join(parts)}; gate {'PASS' if rep['gate']['passed'] else 'FAIL'}")
-    print(f"wrote {args.out / 'report.md'}, {args.out / 'independent' / 'report.md'}, {args.out / 'run.json'}")
-    return 0
+        print(f"seed {seed} {chain}: {', '.join(parts)}; gate {'PASS' if rep['gate']['passed'] else 'FAIL'}")
+    return {
+        "versions": {k: v["version_dir"] for k, v in trained.items()},
+        "train_wall_s": {k: v["wall_s"] for k, v in trained.items()},
+        "compatible": {m: {"AC": compatible["summary"][m]["AC"], "AM": compatible["summary"][m]["AM"]} for m in compatible["metrics"]},
+        "independent": {m: {"AC": indep["summary"][m]["AC"], "AM": indep["summary"][m]["AM"]} for m in indep["metrics"]},
+        "gate": {"compatible": compatible["gate"]["passed"], "independent": indep["gate"]["passed"]},
+        "report": str(out / "report.md"),
+    }
+
+
+def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[int, dict[str, Any]], wall_s: float,
+                   overrides: list[str]) -> None:
+    metrics = list(next(iter(per_seed.values()))["compatible"])
+    summary: dict[str, Any] = {"method": args.method, "seeds": list(per_seed), "v1_wall_s": v1["wall_s"],
+                               "total_wall_s": wall_s, "machine": machine(), "overrides": overrides, "per_seed": per_seed}
+    lines = [f"# Three-version chain on CIFAR-10 ({args.method} at each step): classes 0-3 → 0-6 → 0-9", "",
+             f"v1 fixed; v2, v3 and the independent chain trained per seed ({', '.join(map(str, per_seed))}). AC: share of "
+             "pairs (t > j) meeting the empirical criterion C[t][j] > C[j][j]; AM: mean of the lower triangle with the "
+             "diagonal, in %. Per-seed reports: " + ", ".join(f"[seed {s}](s{s}/report.md)" for s in per_seed) + ".", "",
+             "| chain | metric | AC per seed | AM per seed | AM mean |", "|---|---|---|---|---:|"]
+    for chain in ("compatible", "independent"):
+        summary[chain] = {}
+        for m in metrics:
+            acs = [per_seed[s][chain][m]["AC"] for s in per_seed]
+            ams = [per_seed[s][chain][m]["AM"] for s in per_seed]
+            summary[chain][m] = {"AC": acs, "AM": ams}
+            ac_text = ", ".join("n/a" if a is None else f"{100 * a:.0f}%" for a in acs)
+            lines.append(f"| {chain} | {m} | {ac_text} | {', '.join(f'{100 * a:.1f}' for a in ams)} | {100 * sum(ams) / len(ams):.1f} |")
+    m = summary["machine"]
+    lines += ["", f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}; "
+              f"whole run {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "
+              f"--seeds {' '.join(map(str, per_seed))}`.", ""]
+    write_json(args.out / "summary.json", summary)
+    (args.out / "summary.md").write_text("\n".join(lines))
+    print(f"wrote {args.out / 'summary.md'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from compatembed.data._common import IMG_EXTENSIONS, LabeledImageDataset
 from compatembed.data.build import SPLITS, build_dataset
 from compatembed.data.cifar import TorchvisionCIFAR
 from compatembed.data.folder import ImageFolderDir
+from compatembed.data.shards import WebDatasetShards
 from compatembed.data.subset import ClassSubset, parse_classes
 from compatembed.data.synthetic import SyntheticImages
 from compatembed.data.tar import ImageFolderTar
@@ -25,6 +26,7 @@ __all__ = [
     "Preprocessing",
     "SyntheticImages",
     "TorchvisionCIFAR",
+    "WebDatasetShards",
     "build_dataset",
     "build_transform",
     "parse_classes",

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from compatembed.data.array_cache import ArrayImages, array_view
+from compatembed.data.shards import ShardLoader, WebDatasetShards, shard_loader
 from compatembed.data.transforms import ImageTransform
 from compatembed.errors import ConfigError
 
@@ -136,14 +137,17 @@ class IndexedDataset(Dataset):
 
 def training_loader(
     dataset: Any, *, batch_size: int, seed: int, device: torch.device, num_workers: int = 0
-) -> ArrayBatchLoader | DataLoader:
+) -> ArrayBatchLoader | ShardLoader | DataLoader:
     """Shuffled ``(images, labels, positions)`` batches of ``dataset`` for one training run.
 
     Decoded-array datasets are batched and augmented in this process on ``device``
-    (:class:`ArrayBatchLoader`, no workers); others go through a ``DataLoader`` with ``num_workers``
+    (:class:`ArrayBatchLoader`, no workers); WebDataset shards stream through
+    :func:`~compatembed.data.shards.shard_loader`; others go through a ``DataLoader`` with ``num_workers``
     workers. The last batch is dropped when it is smaller (unless it is the only one).
     """
     drop_last = len(dataset) > batch_size
+    if isinstance(dataset, WebDatasetShards):  # streamed from tar shards: no random access, workers read whole shards
+        return shard_loader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, drop_last=drop_last)
     if batch_source(dataset) is not None:
         return ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, seed=seed, device=device)
     generator = torch.Generator().manual_seed(seed)
