@@ -9,12 +9,10 @@ the two parts of one draw partition the split exactly.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-from torch.utils.data import Dataset
 
-from compatembed.data._common import LabeledImageDataset, Transform
+from compatembed.data._common import LabeledImageDataset
+from compatembed.data.subset import ItemSubset
 from compatembed.errors import DataError
 
 PARTS: tuple[str, ...] = ("train", "val")
@@ -43,7 +41,7 @@ def holdout_mask(targets: np.ndarray, ids: np.ndarray, *, fraction: float, seed:
     return mask
 
 
-class HoldoutSplit(Dataset):
+class HoldoutSplit(ItemSubset):
     """One part of a seeded per-class train/validation split of a dataset.
 
     Labels, ids and class names are the base dataset's (like :class:`~compatembed.data.ClassSubset`).
@@ -71,21 +69,6 @@ class HoldoutSplit(Dataset):
         self.classes: list[str] = list(dataset.classes)
         self.targets: np.ndarray = np.asarray(dataset.targets, dtype=np.int64)[self.indices]
         self.ids: np.ndarray = np.asarray(dataset.ids, dtype=np.int64)[self.indices]
-
-    @property
-    def transform(self) -> Transform | None:
-        """The base dataset's transform; setting it sets the base's."""
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value: Transform | None) -> None:
-        self.dataset.transform = value
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.dataset[int(self.indices[index])]
 
     def __repr__(self) -> str:
         return f"HoldoutSplit({self.dataset!r}, part={self.part}, fraction={self.fraction}, seed={self.seed}, n={len(self)})"

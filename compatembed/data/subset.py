@@ -111,7 +111,33 @@ def parse_classes(spec: Any, classes: Sequence[str]) -> list[int] | None:
     return sorted(set(ids))
 
 
-class ClassSubset(Dataset):
+class ItemSubset(Dataset):
+    """Some items of a base dataset, by position (``indices``), sharing its images and transform.
+
+    The common ground of :class:`ClassSubset` and :class:`~compatembed.data.holdout.HoldoutSplit`;
+    :func:`~compatembed.data.array_cache.array_view` sees through it to a decoded array.
+    """
+
+    dataset: LabeledImageDataset
+    indices: np.ndarray
+
+    @property
+    def transform(self) -> Transform | None:
+        """The base dataset's transform; setting it sets the base's (subsets share their images)."""
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value: Transform | None) -> None:
+        self.dataset.transform = value
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.dataset[int(self.indices[index])]
+
+
+class ClassSubset(ItemSubset):
     """The items of some classes of a dataset, in their original order, with their original labels.
 
     Labels are preserved (class 7 stays 7) and ``classes`` stays the full list, so a classifier over
@@ -156,21 +182,6 @@ class ClassSubset(Dataset):
         empty = sorted(set(self.selected_classes) - set(np.unique(self.targets).tolist()))
         if empty:
             _logger.warning("selected classes without any item: %s", [self.classes[c] for c in empty])
-
-    @property
-    def transform(self) -> Transform | None:
-        """The base dataset's transform; setting it sets the base's (subsets share their images)."""
-        return self.dataset.transform
-
-    @transform.setter
-    def transform(self, value: Transform | None) -> None:
-        self.dataset.transform = value
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.dataset[int(self.indices[index])]
 
     def __repr__(self) -> str:
         limit = "" if self.per_class is None else f", per_class={self.per_class}"
