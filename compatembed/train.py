@@ -25,10 +25,10 @@ from torch.utils.data import Dataset
 from compatembed.cli import CONF_DIR, run_cli
 from compatembed.data import build_dataset, build_transform
 from compatembed.data.loaders import training_loader
-from compatembed.errors import ConfigError
+from compatembed.errors import ConfigError, ManifestError
 from compatembed.hardware import resolve_num_workers, set_torch_threads
 from compatembed.methods.base import Method, MethodContext
-from compatembed.models.version import save_model_version
+from compatembed.models.version import load_manifest, save_model_version
 from compatembed.training import TrainerConfig, fit, resolve_device
 
 _logger = logging.getLogger(__name__)
@@ -79,12 +79,36 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
     return method, train_set, ctx
 
 
+def check_references(cfg: DictConfig) -> None:
+    """Every model version the method names (``method.*_version``) is a valid version directory.
+
+    Runs before any data is read or model built, so a mistyped path fails in a second, not after the
+    training it would otherwise end.
+
+    Raises:
+        ConfigError: naming the key, its value and what is wrong with it.
+    """
+    for key in cfg.method:
+        if not str(key).endswith("_version"):
+            continue
+        if OmegaConf.is_missing(cfg.method, key):
+            raise ConfigError(f"method.{key} is required (a model version directory written by compatembed-train)")
+        value = cfg.method[key]
+        if value is None:
+            continue
+        try:
+            load_manifest(str(value))
+        except ManifestError as exc:
+            raise ConfigError(f"method.{key}={value}: {exc}") from None
+
+
 def train(cfg: DictConfig) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` and write the model version to ``cfg.output_dir``.
 
     Returns:
         The model version directory.
     """
+    check_references(cfg)
     seed_everything(int(cfg.seed))
     set_torch_threads(cfg.trainer.num_threads)
     run_dir = Path(cfg.output_dir)

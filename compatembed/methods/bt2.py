@@ -39,7 +39,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from compatembed.errors import ConfigError, DataError
 from compatembed.methods.base import Method, MethodContext, class_prototypes
 from compatembed.models.heads import Classifier
-from compatembed.models.version import CompatibilityEdge, LoadedVersion, load_manifest, load_model_version
+from compatembed.models.version import CompatibilityEdge, LoadedVersion, deployable, load_manifest, load_model_version
 
 _logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class BT2Parts(NamedTuple):
     phi: torch.Tensor
 
 
+@deployable
 class BT2Embedder(nn.Module):
     """The deployed BT² module: a student embedding model plus its head and orthonormal bases.
 

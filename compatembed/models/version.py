@@ -34,8 +34,106 @@ FORMAT = "compatembed.model_version/1"
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 EDGE_KINDS = ("identity", "prefix", "affine", "forward")
-_VERSION_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_VERSION_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _WEIGHT_KEYS = ("weights",)  # config keys that point at local weight files, cleared on load
+
+DEPLOYABLE: set[str] = {
+    "compatembed.models.EmbeddingModel",
+    "compatembed.models.heads.EmbeddingModel",
+    "compatembed.models.create_backbone",
+    "compatembed.models.registry.create_backbone",
+}
+"""``_target_`` values a manifest's model config may name: the project's own model and backbone factories.
+
+A manifest is data read from disk; building its model must never call an arbitrary importable
+(``os.makedirs``, ``subprocess.run``...). Method modules whose deployed module is a class of their own
+add it with :func:`deployable`; backbones are chosen by registry name inside ``create_backbone``."""
+
+
+def deployable(cls: type) -> type:
+    """Class decorator: allow manifests to name ``cls`` as their model's ``_target_``."""
+    DEPLOYABLE.add(f"{cls.__module__}.{cls.__qualname__}")
+    return cls
+
+
+def check_model_config(config: Any, where: str = "model") -> None:
+    """Refuse a model config that would build anything but an allow-listed class (:data:`DEPLOYABLE`).
+
+    Every ``_target_`` in the tree must be allow-listed, and Hydra's other instantiation keys
+    (``_partial_``, ``_args_``, ``_recursive_``, ``_convert_``...) are refused: they are never written by
+    :func:`save_model_version`, and positional arguments or partials would widen what a file can call.
+
+    Raises:
+        ManifestError: naming the offending key and value.
+    """
+    import compatembed.methods  # noqa: F401  (registers the methods' deployable classes)
+
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if not isinstance(key, str):
+                raise ManifestError(f"{where}: non-string key {key!r}")
+            if key == "_target_":
+                if value not in DEPLOYABLE:
+                    raise ManifestError(
+                        f"{where}._target_={value!r} is not one of the project's model factories "
+                        f"({', '.join(sorted(DEPLOYABLE))}): refusing to build it"
+                    )
+            elif key.startswith("_") and key.endswith("_"):
+                raise ManifestError(f"{where}.{key}: instantiation keys other than _target_ are not allowed in a manifest")
+            else:
+                check_model_config(value, f"{where}.{key}")
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            check_model_config(value, f"{where}[{i}]")
+    elif not (config is None or isinstance(config, (str, int, float, bool))):
+        raise ManifestError(f"{where}: unexpected value of type {type(config).__name__}")
+
+
+def _expect(condition: bool, where: str, what: str) -> None:
+    if not condition:
+        raise ManifestError(f"{where}: {what}")
+
+
+def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
+    """Check a manifest against the format's schema (docs/model_version_format.md) before anything in it is used.
+
+    Raises:
+        ManifestError: naming the first field that is missing or malformed.
+    """
+    _expect(isinstance(manifest, dict) and manifest.get("format") == FORMAT, where, f"not a {FORMAT} manifest")
+    for key in ("version_id", "model", "embedding", "preprocessing", "files"):
+        _expect(key in manifest, where, f"missing key {key!r}")
+    vid = manifest["version_id"]
+    _expect(isinstance(vid, str) and _VERSION_ID.fullmatch(vid) is not None, where,
+            f"version_id {vid!r} is not 1-64 characters of A-Z a-z 0-9 . _ -")
+    emb = manifest["embedding"]
+    _expect(isinstance(emb, dict) and isinstance(emb.get("dim"), int) and not isinstance(emb.get("dim"), bool)
+            and 0 < emb["dim"] <= 1 << 20, where, "embedding.dim must be a positive integer")
+    _expect(isinstance(emb.get("normalized"), bool), where, "embedding.normalized must be true or false")
+    _expect(isinstance(manifest["preprocessing"], dict), where, "preprocessing must be a mapping")
+    _expect(isinstance(manifest["model"], dict) and "_target_" in manifest["model"], where, "model must be a config with a _target_")
+    check_model_config(manifest["model"], f"{where}: model")
+    files = manifest["files"]
+    _expect(isinstance(files, dict) and WEIGHTS in files, where, f"files must list the sha256 of {WEIGHTS}")
+    for name, digest in files.items():
+        _expect(isinstance(name, str) and not name.startswith("/") and ".." not in Path(name).parts, where,
+                f"file name {name!r} must be a relative path inside the version directory")
+        _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, where, f"files[{name!r}] is not a sha256 hex digest")
+    parent = manifest.get("parent")
+    _expect(parent is None or (isinstance(parent, str) and _VERSION_ID.fullmatch(parent) is not None), where, f"parent {parent!r} is not a version id")
+    edges = manifest.get("compatibility", [])
+    _expect(isinstance(edges, list), where, "compatibility must be a list")
+    for i, edge in enumerate(edges):
+        _expect(isinstance(edge, dict) and edge.get("kind") in EDGE_KINDS, where, f"compatibility[{i}].kind must be one of {EDGE_KINDS}")
+        other = edge.get("source" if edge["kind"] == "forward" else "target")
+        _expect(isinstance(other, str) and _VERSION_ID.fullmatch(other) is not None, where, f"compatibility[{i}] names no valid version")
+        if edge["kind"] == "prefix":
+            _expect(isinstance(edge.get("dim"), int) and 0 < edge["dim"] <= emb["dim"], where,
+                    f"compatibility[{i}].dim must be in 1..{emb['dim']}")
+        if edge["kind"] in ("affine", "forward"):
+            _expect(edge.get("file") in files, where, f"compatibility[{i}].file must be listed in files")
+    return manifest
 
 
 @dataclass
@@ -193,7 +291,7 @@ def save_model_version(
     """
     from safetensors.torch import save as safetensors_bytes
 
-    if not _VERSION_ID.match(version_id):
+    if not _VERSION_ID.fullmatch(version_id):
         raise ManifestError(f"invalid version id {version_id!r}: use 1-64 characters of A-Z a-z 0-9 . _ -")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +329,7 @@ def save_model_version(
 
 
 def load_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate a version directory's manifest (no torch work, no checksum of weights)."""
+    """Read a version directory's manifest and validate it against the schema (no torch work, no checksum of weights)."""
     path = Path(version_dir)
     manifest_path = path / MANIFEST
     if not path.is_dir():
@@ -242,12 +340,7 @@ def load_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"unreadable manifest {manifest_path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ManifestError(f"{manifest_path}: not a {FORMAT} manifest")
-    for key in ("version_id", "model", "embedding", "preprocessing", "files"):
-        if key not in manifest:
-            raise ManifestError(f"{manifest_path}: missing key {key!r}")
-    return manifest
+    return validate_manifest(manifest, str(manifest_path))
 
 
 def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path:
@@ -279,6 +372,9 @@ def load_model_version(
     version_dir: str | os.PathLike[str], *, map_location: str | torch.device = "cpu"
 ) -> LoadedVersion:
     """Rebuild the deployed embedding module of a version and load its verified weights.
+
+    Nothing from the manifest is used before it passed :func:`validate_manifest` (which also limits the
+    model config to the project's own factories, :data:`DEPLOYABLE`) and the weights matched its sha256.
 
     Raises:
         ManifestError: missing/corrupt manifest, weights that do not match the manifest's checksum,

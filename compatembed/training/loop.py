@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass
@@ -86,15 +87,21 @@ def _autocast(device: torch.device, precision: str) -> tuple[torch.dtype | None,
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, as tensors and plain values only (so checkpoints load with ``weights_only``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -146,7 +153,14 @@ def fit(
     ckpt_path = run_dir / "checkpoints" / CHECKPOINT
     start_epoch, step = 0, 0
     if config.resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        try:  # tensors and plain values only: a checkpoint is a file, never code to run
+            state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ConfigError(
+                f"{ckpt_path} holds objects other than tensors and plain values (written by an older version, or "
+                f"not by this project), so it is not loaded: remove {ckpt_path.parent} or set trainer.resume=false "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
         recorded, current = state.get("frozen"), method.frozen_hashes()
         if recorded is not None and recorded != current:
             changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
