@@ -31,7 +31,8 @@ def _write(root: Path, vid: str, x: np.ndarray, labels: np.ndarray, edges: list,
     vdir = root / vid
     vdir.mkdir(parents=True)
     manifest = {
-        "format": "compatembed.model_version/1", "version_id": vid, "model": {}, "preprocessing": {},
+        "format": "compatembed.model_version/1", "version_id": vid, "preprocessing": {},
+        "model": {"_target_": "compatembed.models.EmbeddingModel"},  # never built: the cached embeddings are used
         "embedding": {"dim": x.shape[1], "normalized": True, "dtype": "float32"},
         "training": {"method": method, "classes": classes, "old_version_dir": str(parent) if parent else None},
         "parent": parent.name if parent else None, "compatibility": edges,
