@@ -105,12 +105,17 @@ def embed_dataset(
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: list[np.ndarray] = []
     labels: list[np.ndarray] = []
+    positions: list[np.ndarray] = []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         images, targets = batch[0], batch[1]
         out = _model_embed(model, images.to(device, non_blocking=True))
         chunks.append(out.float().cpu().numpy())
         labels.append(np.asarray(targets.cpu() if isinstance(targets, torch.Tensor) else targets, dtype=np.int64))
+        if len(batch) > 2:  # streamed shards: workers interleave, so each item says where it sits in the dataset
+            positions.append(np.asarray(batch[2].cpu() if isinstance(batch[2], torch.Tensor) else batch[2], dtype=np.int64))
     model.train(was_training)
     ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
+    if positions:
+        ids = ids[np.concatenate(positions)]
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)

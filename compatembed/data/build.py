@@ -12,6 +12,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+from torch.utils.data import IterableDataset
 
 from compatembed.data._common import LabeledImageDataset, Transform
 from compatembed.data.array_cache import decode_to_array
@@ -150,6 +151,12 @@ def build_dataset(
         raise ConfigError("data split 'val' needs data.validation.fraction > 0 (the share of each class held out)")
     _check_paths(node, source)
     dataset = _serve(_instantiate(node, source, transform), cfg, source)
+    if isinstance(dataset, IterableDataset):  # streamed shards: no random access to select items by
+        chosen = [k for k, v in (("data.validation.fraction", fraction), ("data.train_per_class", cfg.get("train_per_class")),
+                                 (f"data.{SPLITS[split]}", cfg.get(SPLITS[split]))) if v]
+        if chosen:
+            raise ConfigError(f"data.{source} streams from shards, which cannot select items: unset {', '.join(chosen)} "
+                              "(write shards of the selection instead, tools/make_shards.py)")
     if fraction > 0 and source == "train":
         dataset = HoldoutSplit(dataset, fraction=fraction, seed=int(_optional(cfg, "validation.seed") or 0), part=split)
     declared = None if "num_classes" not in cfg or OmegaConf.is_missing(cfg, "num_classes") else cfg.num_classes

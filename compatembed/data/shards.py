@@ -31,6 +31,7 @@ import random
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,9 @@ class WebDatasetShards(IterableDataset):
         self.classes: list[str] = read_classes(classes)
         self.shard_paths: list[str] = expand_shards(shards)
         start = time.perf_counter()
-        per_shard = [_index_shard(p, len(self.classes)) for p in self.shard_paths]
+        # Threads overlap the header reads of several shards (the latency of a network share); order is kept.
+        with ThreadPoolExecutor(max_workers=min(8, len(self.shard_paths))) as pool:
+            per_shard = list(pool.map(lambda p: _index_shard(p, len(self.classes)), self.shard_paths))
         self.shard_counts: np.ndarray = as_int64([len(labels) for labels in per_shard])
         self.shard_starts: np.ndarray = as_int64(np.concatenate([[0], np.cumsum(self.shard_counts)[:-1]]))
         self.targets: np.ndarray = as_int64([y for labels in per_shard for y in labels])
@@ -395,9 +398,18 @@ class ShardLoader(DataLoader):
         counts = self.dataset.worker_counts(self.num_workers)  # type: ignore[attr-defined]
         return sum(n // batch if self.drop_last else -(-n // batch) for n in counts)
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         self.generator.manual_seed(_mix(self.seed, self.dataset.epoch) ^ 0x5DEECE66D)  # type: ignore[attr-defined,union-attr]
-        return super().__iter__()
+        batches = super().__iter__()
+        try:
+            yield from batches
+        finally:
+            # Stop the workers now, also when a worker raised (a corrupt image) or the consumer
+            # stopped early. Left to the garbage collector, an iterator whose error traceback holds
+            # it in a reference cycle finds its queues already finalised and waits 5 s per worker.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 def shard_loader(
