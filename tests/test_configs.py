@@ -61,3 +61,14 @@ def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, c
     assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
+def test_method_config_mirrors_the_constructor(name):
+    """Every keyword the method class takes is in its YAML and every YAML key is a keyword: no option is unreachable."""
+    import inspect
+
+    node = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    params = inspect.signature(get_class(node._target_).__init__).parameters
+    accepted = {p for p in params if p not in ("self", "model", "num_classes")}
+    assert set(node) - {"_target_"} == accepted
