@@ -28,7 +28,10 @@ from compatembed_index.errors import (
     ConflictError,
     DataDirLockedError,
     InvalidInputError,
+    ManifestError,
 )
+from compatembed_index.factory import check_factory, check_search_params
+from compatembed_index.limits import Limits
 from compatembed_index.registry import ModelVersion, VersionRegistry, parse_version, read_version_dir
 from compatembed_index.rwlock import RWLock
 from compatembed_index.segment import Segment
@@ -72,6 +75,7 @@ class IndexService:
         mmap: load snapshot indexes memory-mapped where FAISS allows it.
         keep_snapshots: snapshots kept per collection.
         store: a :class:`Store` to use instead of the SQLite store in ``data_dir``.
+        limits: factory, metadata, result and response limits (:class:`Limits`; its defaults otherwise).
     """
 
     def __init__(
@@ -83,9 +87,11 @@ class IndexService:
         mmap: bool = False,
         keep_snapshots: int = 2,
         store: Store | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.max_k, self.max_batch, self.mmap, self.keep_snapshots = max_k, max_batch, mmap, keep_snapshots
+        self.limits = limits or Limits()
         self._dirlock: _DirLock | None = None
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +123,12 @@ class IndexService:
 
     def _load(self) -> None:
         for manifest, files in self.store.versions():
-            self.registry.register(parse_version(manifest, files))
+            version = parse_version(manifest, files)
+            try:
+                self.registry.register(version)
+            except ManifestError as exc:  # stored before registration checked edges: searches using it fail
+                _logger.error("stored version %s: %s", version.version_id, exc)
+                self.registry.register(version, check_edges=False)
         for name, raw in sorted(self.store.collections().items()):
             coll = self._make_collection(name, CollectionConfig.from_dict(raw))
             coll.load()
@@ -128,14 +139,16 @@ class IndexService:
     def _make_collection(self, name: str, config: CollectionConfig) -> Collection:
         return Collection(name, config, self.registry, self.store, snapshot_root=self.snapshot_root,
                           max_k=self.max_k, max_batch=self.max_batch, mmap=self.mmap,
-                          keep_snapshots=self.keep_snapshots)
+                          keep_snapshots=self.keep_snapshots, limits=self.limits)
 
     # -- versions ---------------------------------------------------------------------------------
     def register_version(self, path: str | Path) -> ModelVersion:
         """Register the model version directory at ``path`` (checksums verified; idempotent).
 
         Raises:
-            ManifestError: the directory breaks the contract or fails a checksum.
+            InvalidInputError: ``path`` is not a usable path (empty, too long, a NUL or a lone surrogate).
+            ManifestError: the directory breaks the contract, fails a checksum, cannot be read, or
+                declares an edge that does not fit the dimensions of a registered version.
             ConflictError: another manifest is registered under the same id.
         """
         version = read_version_dir(path)
@@ -162,17 +175,29 @@ class IndexService:
 
         Raises:
             ConflictError: the name is taken by a collection or an alias.
-            ConfigError: an unknown option or an unusable factory string.
+            ConfigError: an unknown option, an unusable factory string, or a factory whose counts (nlist,
+                HNSW M, PQ M and nbits) or estimated memory at a registered version's dimension exceed
+                the limits (:class:`Limits`).
         """
         check_name(name, "collection")
         config = CollectionConfig.from_dict(options)
         if config.materialised or config.calibration:
             raise InvalidInputError("materialised copies and calibration are set after creation")
+        # Parse and bound every factory string before FAISS builds anything (it allocates as it parses),
+        # with the memory estimate at the dimension of each registered version that would use it; a
+        # version registered later is checked at its first write.
+        factories = {config.factory, *config.factories.values()}
+        for f in factories:
+            check_factory(f, self.limits, train_size=config.train_size)
+        check_search_params(config.search_params, self.limits)
+        for v in self.registry.list():
+            check_factory(config.factory_for(v.version_id), self.limits, dim=v.dim, train_size=config.train_size,
+                          what=f"version {v.version_id}")
         # Build a throwaway segment per factory string so a typo fails here rather than at the first add.
         # The real dimension is per version; 1536 is divisible by most PQ/OPQ sub-quantiser counts, and a
         # factory that does not fit a version's dimension fails (ConfigError) at that version's first add,
         # before anything is written.
-        for f in {config.factory, *config.factories.values()}:
+        for f in factories:
             Segment(1536, f, "ip", train_size=config.train_size, search_params=config.search_params,
                     device=config.device)
         with self._lock.write():
@@ -279,9 +304,23 @@ class IndexService:
         return self.collection(collection).calibrate(query_version, segment_version, queries, k, query_ids=query_ids)
 
     def snapshot(self, collection: str | None = None) -> list[str]:
-        """Snapshot one collection (or all); returns the snapshot directories."""
+        """Snapshot one collection (or all); returns the snapshot directories (absolute paths, for local use)."""
+        return [str(self.data_dir / r["name"]) for r in self.snapshot_records(collection)]  # type: ignore[operator]
+
+    def snapshot_records(self, collection: str | None = None) -> list[dict[str, Any]]:
+        """Snapshot one collection (or all); returns what a remote caller may see of each snapshot.
+
+        Each record holds the collection, the snapshot's ``id`` (its directory name, the zero-padded
+        sequence number), ``seq``, and ``name``, the directory relative to the data directory. No
+        absolute server path is disclosed.
+        """
         names = [self.collection(collection).name] if collection else self.list_collections()
-        return [str(self.collection(n).snapshot()) for n in names]
+        out = []
+        for n in names:
+            path = self.collection(n).snapshot()
+            out.append({"collection": n, "id": path.name, "seq": int(path.name),
+                        "name": f"snapshots/{n}/{path.name}"})
+        return out
 
     def stats(self, collection: str | None = None) -> dict[str, Any]:
         """Stats of one collection, or of the service (versions, collections, aliases)."""

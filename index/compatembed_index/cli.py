@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from compatembed_index.errors import IndexServiceError, InvalidInputError
+from compatembed_index.errors import ConfigError, IndexServiceError, InvalidInputError
 
 _logger = logging.getLogger(__name__)
 
@@ -139,9 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="TCP port (default 8080)")
     s.add_argument("--api-key", default=None,
-                   help="require this key for writes (default: $COMPATEMBED_INDEX_API_KEY; none: writes open)")
+                   help="require this key for writes (default: $COMPATEMBED_INDEX_API_KEY; none: writes open); "
+                   "an empty or blank key is an error")
+    s.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback --host without an API key (anyone who can reach it can write)")
     s.add_argument("--max-body-bytes", type=int, default=None)
     s.add_argument("--max-k", type=int, default=None)
+    s.add_argument("--max-result-slots", type=int, default=None, help="largest queries × k per search")
+    s.add_argument("--body-timeout", type=float, default=None, dest="body_timeout_seconds",
+                   help="seconds to receive a whole request body before answering 408 (default 30)")
+    s.add_argument("--keep-alive", type=int, default=None, dest="keep_alive_seconds",
+                   help="seconds an idle keep-alive connection stays open (default 5)")
     s.add_argument("--no-access-log", action="store_true",
                    help="no log line per request (saves server CPU; /metrics still counts every request)")
     return p
@@ -153,37 +161,63 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
-    for key in ("host", "port", "api_key", "max_body_bytes", "max_k"):
+    for key in ("host", "port", "api_key", "max_body_bytes", "max_k", "max_result_slots", "body_timeout_seconds",
+                "keep_alive_seconds"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     if getattr(args, "no_access_log", False):
         overrides["access_log"] = False
+    if getattr(args, "insecure", False):
+        overrides["insecure"] = True
     return IndexSettings(**overrides)
+
+
+def check_bind(settings: Any) -> None:
+    """Refuse to serve a non-loopback address without an API key unless ``insecure`` says so (then warn).
+
+    Raises:
+        ConfigError: non-loopback host, no key, not ``insecure``.
+    """
+    if settings.loopback or settings.api_key is not None:
+        return
+    if not settings.insecure:
+        raise ConfigError(
+            f"refusing to bind {settings.host} without an API key: anyone who can reach it could write. Set "
+            "--api-key (or COMPATEMBED_INDEX_API_KEY), bind 127.0.0.1, or pass --insecure to accept the risk"
+        )
+    print(f"warning: --insecure: binding {settings.host} without an API key: anyone who can reach it can write",
+          file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from compatembed_index.server import create_app
+    from compatembed_index.server import create_app, uvicorn_config
 
     settings = _settings(args)
+    check_bind(settings)
     if settings.data_dir is None:
         _logger.warning("no --data-dir: serving an in-memory index (nothing survives a restart)")
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
-        _logger.warning("binding %s without an API key: anyone who can reach it can write", settings.host)
-    uvicorn.run(create_app(None, settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log)
-    return 0
+    # keep-alive bounds idle connections; the app itself bounds the time to receive a body (408)
+    server = uvicorn.Server(uvicorn_config(create_app(None, settings), settings))
+    server.run()
+    return 0 if server.started else 3
 
 
 def _run(args: argparse.Namespace) -> Any:
+    import dataclasses
+
     from compatembed_index.api import IndexService
+    from compatembed_index.limits import Limits
 
     if not args.data_dir:
         raise InvalidInputError("--data-dir (or COMPATEMBED_INDEX_DATA_DIR) is required")
     settings = _settings(args)
+    # local batch work: no per-request batch, result or response limits; factory and metadata limits hold,
+    # since a server will later load what the CLI writes
+    limits = dataclasses.replace(Limits.from_settings(settings), max_result_slots=None, max_response_bytes=None)
     with IndexService(args.data_dir, max_k=settings.max_k, max_batch=10**9, mmap=settings.mmap,
-                      keep_snapshots=settings.keep_snapshots) as svc:
+                      keep_snapshots=settings.keep_snapshots, limits=limits) as svc:
         c = args.command
         if c == "register":
             return [svc.register_version(p).version_id for p in args.paths]

@@ -35,13 +35,30 @@ from compatembed_index.errors import (
     DuplicateIdError,
     InvalidInputError,
     ItemNotFoundError,
+    LimitExceededError,
     NoRouteError,
 )
+from compatembed_index.limits import Limits
 from compatembed_index.registry import Route, VersionRegistry
 from compatembed_index.rwlock import RWLock
 from compatembed_index.segment import DEVICES, Segment
 from compatembed_index.store import Store
-from compatembed_index.validation import as_ids, as_matrix, as_metadata, check_float, check_k, normalize_rows
+from compatembed_index.validation import (
+    MAX_CALIBRATION_SCALE,
+    MAX_CALIBRATION_SHIFT,
+    as_ids,
+    as_matrix,
+    as_metadata,
+    check_float,
+    check_k,
+    check_norms,
+    check_slots,
+    normalize_rows,
+)
+
+HIT_JSON_BYTES = 64
+"""Upper bound of the JSON of one hit without its version name and metadata:
+``{"id": <19 digits>, "score": <float>, "version": "", "metadata": }`` and a separator."""
 
 _logger = logging.getLogger(__name__)
 
@@ -161,6 +178,7 @@ class Collection:
         max_batch: largest number of vectors or ids per request.
         mmap: load snapshot indexes memory-mapped where FAISS allows.
         keep_snapshots: how many snapshots to keep.
+        limits: factory, metadata, result and response limits.
     """
 
     def __init__(
@@ -175,6 +193,7 @@ class Collection:
         max_batch: int = 100_000,
         mmap: bool = False,
         keep_snapshots: int = 2,
+        limits: Limits | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -185,6 +204,7 @@ class Collection:
         self.max_batch = max_batch
         self.mmap = mmap
         self.keep_snapshots = keep_snapshots
+        self.limits = limits or Limits()
         self.lock = RWLock()
         self.segments: dict[str, Segment] = {}
         self.copies: dict[tuple[str, str], Segment] = {}
@@ -198,7 +218,9 @@ class Collection:
         self._snapshot_lock = threading.Lock()  # one snapshot at a time (they share a sequence number)
 
     # -- segment construction -------------------------------------------------------------------
-    def _new_segment(self, space: str) -> Segment:
+    def _new_segment(self, space: str, *, check: bool = False) -> Segment:
+        """A new, empty segment in ``space``; ``check`` bounds its factory by the limits first (a new
+        segment or copy; rebuilds of existing ones were checked when they were first made)."""
         v = self.registry.get(space)
         return Segment(
             v.dim,
@@ -207,13 +229,33 @@ class Collection:
             train_size=self.config.train_size,
             search_params=self.config.search_params,
             device=self.config.device,
+            limits=self.limits if check else None,
         )
 
-    def _segment(self, version: str) -> Segment:
+    def _segment(self, version: str, *, check: bool = False) -> Segment:
+        """The segment of ``version``, made on first use (``check``: bounded by the limits, for writes)."""
         seg = self.segments.get(version)
         if seg is None:
-            seg = self.segments[version] = self._new_segment(version)
+            seg = self.segments[version] = self._new_segment(version, check=check)
         return seg
+
+    def _check_space(self, y: np.ndarray, space: str, what: str) -> None:
+        """Vectors that arrive in ``space`` (through a route) must be finite, and within
+        :data:`~compatembed_index.validation.MAX_L2_NORM` in an unnormalised space."""
+        finite = np.isfinite(y).all(axis=1)
+        if not finite.all():
+            raise InvalidInputError(f"{what} row {int(np.flatnonzero(~finite)[0])} is not finite after the transform")
+        if not self.registry.get(space).normalized:
+            check_norms(y, what=what)
+
+    def _forward_copies(self, version: str, x: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+        """``x`` mapped into the space of each materialised copy of segment ``version``, checked there."""
+        out = {}
+        for (s, t) in self.copies:
+            if s == version:
+                y = out[(s, t)] = self._forward(s, t).apply(x)
+                self._check_space(y, t, f"vectors forwarded from {s} into {t}")
+        return out
 
     def _check_live(self) -> None:
         """Refuse work on a collection dropped meanwhile (caller holds the lock)."""
@@ -254,28 +296,38 @@ class Collection:
                 else:
                     seg.remove(gids)
 
-    def _mem_add(self, version: str, ids: np.ndarray, x: np.ndarray) -> None:
+    def _mem_add(self, version: str, ids: np.ndarray, x: np.ndarray,
+                 forwarded: dict[tuple[str, str], np.ndarray] | None = None) -> None:
         seg = self._segment(version)
         if (version,) not in self._dirty:
             seg.add(ids, x)
         for (s, t), copy in self.copies.items():
             if s == version and (s, t) not in self._dirty:
-                copy.add(ids, self._forward(s, t).apply(x))
+                y = forwarded.get((s, t)) if forwarded is not None else None
+                copy.add(ids, y if y is not None else self._forward(s, t).apply(x))
 
     def _rebuild_dirty(self) -> None:
         for key in sorted(self._dirty):
             self._rebuild(key)
         self._dirty.clear()
 
-    def _rebuild(self, key: tuple[str, ...]) -> None:
-        """Rebuild a segment (``(version,)``) or a copy (``(source, target)``) from the store's vectors."""
+    def _rebuild(self, key: tuple[str, ...], *, check: bool = False) -> None:
+        """Rebuild a segment (``(version,)``) or a copy (``(source, target)``) from the store's vectors.
+
+        With ``check`` (a new copy), the factory is bounded by the limits and the forwarded vectors
+        are checked in the target space before the copy replaces anything.
+        """
         source = key[0]
-        fresh = self._new_segment(key[-1])
+        fresh = self._new_segment(key[-1], check=check)
         route = self._forward(*key) if len(key) == 2 else None
         t0 = time.perf_counter()
         for rows in self.store.iter_rows(self.name, version=source):
             x = rows.matrix if rows.matrix is not None else np.stack(rows.vectors)  # type: ignore[arg-type]
-            fresh.add(rows.ids, route.apply(x) if route else x)
+            if route is not None:
+                x = route.apply(x)
+                if check:
+                    self._check_space(x, key[-1], f"vectors forwarded from {source} into {key[-1]}")
+            fresh.add(rows.ids, x)
         if len(key) == 2:
             self.copies[(key[0], key[1])] = fresh
         else:
@@ -287,9 +339,12 @@ class Collection:
     def _prepare(self, version: str, ids: Any, vectors: Any) -> tuple[np.ndarray, np.ndarray]:
         v = self.registry.get(version)
         x = as_matrix(vectors, v.dim, what="vectors", version=version, max_rows=self.max_batch)
-        if v.normalized:
-            x = normalize_rows(x, what="vectors")
+        x = normalize_rows(x, what="vectors") if v.normalized else check_norms(x, what="vectors")
         return as_ids(ids, len(x), max_rows=self.max_batch), x
+
+    def _metadata(self, metadata: Any, n: int) -> list[str | None] | None:
+        return as_metadata(metadata, n, max_bytes=self.limits.max_metadata_bytes,
+                           max_depth=self.limits.max_metadata_depth)
 
     def add(
         self,
@@ -314,10 +369,11 @@ class Collection:
             InvalidInputError, DimensionMismatchError, VersionNotFoundError, LimitExceededError.
         """
         ids_a, x = self._prepare(version, ids, vectors)
-        meta = as_metadata(metadata, len(ids_a))
+        meta = self._metadata(metadata, len(ids_a))
         with self.lock.write():
             self._check_live()
-            self._segment(version)  # a factory that cannot serve this version fails here, before the commit
+            self._segment(version, check=True)  # a factory that cannot serve this version, or exceeds the
+            # limits, fails here, before the commit
             if not upsert:
                 present = [i for i in ids_a.tolist() if i in self._where]
                 if present:
@@ -325,14 +381,15 @@ class Collection:
                         f"{len(present)} id(s) already in collection {self.name!r} (e.g. {present[:5]}); "
                         "use upsert to replace them"
                     )
+            forwarded = self._forward_copies(version, x)
             seq = self.store.upsert_items(self.name, version, ids_a, x, meta or [None] * len(ids_a))
-            self._apply_upsert(version, ids_a, x, meta or [None] * len(ids_a), seq)
+            self._apply_upsert(version, ids_a, x, meta or [None] * len(ids_a), seq, forwarded)
         return seq
 
     def _apply_upsert(self, version: str, ids: np.ndarray, x: np.ndarray, meta: list[str | None] | None,
-                      seq: int) -> None:
+                      seq: int, forwarded: dict[tuple[str, str], np.ndarray] | None = None) -> None:
         self._mem_remove(ids)
-        self._mem_add(version, ids, x)
+        self._mem_add(version, ids, x, forwarded)
         for j, i in enumerate(ids.tolist()):
             self._where[i] = version
             if meta is not None:
@@ -350,17 +407,19 @@ class Collection:
             ItemNotFoundError: an id is not in the collection.
         """
         ids_a, x = self._prepare(version, ids, vectors)
-        meta = as_metadata(metadata, len(ids_a))
+        meta = self._metadata(metadata, len(ids_a))
         with self.lock.write():
             self._check_live()
-            self._segment(version)  # a factory that cannot serve this version fails here, before the commit
+            self._segment(version, check=True)  # a factory that cannot serve this version, or exceeds the
+            # limits, fails here, before the commit
             missing = [i for i in ids_a.tolist() if i not in self._where]
             if missing:
                 raise ItemNotFoundError(
                     f"{len(missing)} id(s) not in collection {self.name!r} (e.g. {missing[:5]}); add them instead"
                 )
+            forwarded = self._forward_copies(version, x)
             seq = self.store.upsert_items(self.name, version, ids_a, x, meta)
-            self._apply_upsert(version, ids_a, x, meta, seq)
+            self._apply_upsert(version, ids_a, x, meta, seq, forwarded)
         return seq
 
     def delete(self, ids: Any) -> tuple[int, int]:
@@ -394,7 +453,7 @@ class Collection:
             self._check_live()
             before = self._calibrated_routes()
             t0 = time.perf_counter()
-            self._rebuild((source, target))
+            self._rebuild((source, target), check=True)
             seconds = time.perf_counter() - t0
             pairs = [p for p in self.config.materialised if p != [source, target]] + [[source, target]]
             self.config.materialised = pairs
@@ -492,22 +551,43 @@ class Collection:
 
         Raises:
             NoRouteError: a non-empty segment has no route from ``version`` and ``allow_partial`` is false.
+            LimitExceededError: ``queries × k`` above ``max_result_slots``, or a response (hits with their
+                metadata) estimated above ``max_response_bytes``.
         """
         v = self.registry.get(version)
         k = check_k(k, self.max_k)
         q = as_matrix(queries, v.dim, what="queries", version=version, max_rows=self.max_batch)
-        if v.normalized:
-            q = normalize_rows(q, what="queries")
+        check_slots(len(q), k, self.limits.max_result_slots)
+        q = normalize_rows(q, what="queries") if v.normalized else check_norms(q, what="queries")
         with self.lock.read():
             plans, skipped = self._plan(version, allow_partial)
             res = self._search_plans(plans, q, k)
             scores, ids, cols_v = res
             names = [p.version for p in plans]
             versions = [[names[c] if i >= 0 else None for i, c in zip(ri, rc)] for ri, rc in zip(ids, cols_v)]
+            if self.limits.max_response_bytes is not None:
+                self._check_response_size(ids, versions, include_metadata)
             meta = None
             if include_metadata:
                 meta = [[self._decode(self._meta.get(int(i))) if i >= 0 else None for i in row] for row in ids]
         return SearchResult(ids, scores, versions, meta, {p.version: p.how for p in plans}, skipped)
+
+    def _check_response_size(self, ids: np.ndarray, versions: list[list[str | None]], include_metadata: bool) -> None:
+        """Refuse a result whose JSON would exceed ``max_response_bytes`` (an upper estimate, before decoding)."""
+        limit = self.limits.max_response_bytes
+        assert limit is not None
+        total = 16 * len(ids)
+        for row_ids, row_v in zip(ids.tolist(), versions):
+            for i, v in zip(row_ids, row_v):
+                if i < 0:
+                    break
+                m = self._meta.get(i) if include_metadata else None
+                total += HIT_JSON_BYTES + len(v or "") + (len(m) if m is not None else 4)
+            if total > limit:
+                raise LimitExceededError(
+                    f"the response would take more than {limit} bytes, above the limit max_response_bytes={limit}: "
+                    "ask for fewer queries, a smaller k, or include_metadata=false"
+                )
 
     @staticmethod
     def _decode(m: str | None) -> Any:
@@ -527,10 +607,21 @@ class Collection:
                 qt = cache.get(id(p.route))
                 if qt is None:
                     qt = cache[id(p.route)] = p.route.apply(q)
+                    what = f"queries mapped along {p.how}"
+                    finite = np.isfinite(qt).all(axis=1)
+                    if not finite.all():
+                        raise InvalidInputError(f"{what}: row {int(np.flatnonzero(~finite)[0])} is not finite")
+                    if p.segment.metric == "l2":
+                        check_norms(qt, what=what)
             kk = min(k, p.segment.ntotal)
             d, i = p.segment.search(qt, kk)
             if p.calib is not None:
                 d = np.where(i >= 0, d * p.calib[0] + p.calib[1], -np.inf).astype(np.float32)
+            if not np.isfinite(d[i >= 0]).all():
+                # bounded vectors and calibrations keep every score finite; never serve one that is not
+                raise InvalidInputError(
+                    f"segment {p.version} ({p.how}) gave scores beyond float32 range for these queries"
+                )
             ds.append(d)
             is_.append(i)
             cs.append(np.full(i.shape, n, dtype=np.int64))
@@ -550,17 +641,35 @@ class Collection:
 
     # -- calibration ---------------------------------------------------------------------------
     def set_calibration(self, query_version: str, segment_version: str, scale: float, shift: float) -> None:
-        """Map scores of the route ``query_version → segment_version`` to ``scale * score + shift``."""
+        """Map scores of the route ``query_version → segment_version`` to ``scale * score + shift``.
+
+        Raises:
+            InvalidInputError: the versions are the same, or ``scale`` is not in (0, 1e6] or ``shift`` not in
+                [-1e30, 1e30]: beyond them a calibrated score could leave float32's range.
+        """
         self.registry.get(query_version), self.registry.get(segment_version)
         if query_version == segment_version:
             raise InvalidInputError("a calibration maps a cross-version route; same-version scores are the reference")
         scale, shift = check_float(scale, "scale"), check_float(shift, "shift")
-        if scale <= 0:
-            raise InvalidInputError(f"scale must be positive (a calibration must keep the order), got {scale}")
+        problem = self._calibration_problem(scale, shift)
+        if problem:
+            raise InvalidInputError(problem)
         with self.lock.write():
             self._check_live()
             self.config.calibration[f"{query_version}|{segment_version}"] = [scale, shift]
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
+
+    @staticmethod
+    def _calibration_problem(scale: float, shift: float) -> str | None:
+        if not scale > 0:
+            return f"scale must be positive (a calibration must keep the order), got {scale}"
+        if scale > MAX_CALIBRATION_SCALE:
+            return (f"scale {scale:g} is above the limit of {MAX_CALIBRATION_SCALE:g}: calibrated scores could leave "
+                    "float32's range")
+        if not abs(shift) <= MAX_CALIBRATION_SHIFT:
+            return (f"shift {shift:g} is outside ±{MAX_CALIBRATION_SHIFT:g}: calibrated scores could leave "
+                    "float32's range")
+        return None
 
     def clear_calibration(self) -> None:
         """Remove every score calibration."""
@@ -601,8 +710,9 @@ class Collection:
         self.registry.get(segment_version)
         k = check_k(k, self.max_k)
         q = as_matrix(queries, v.dim, what="queries", version=query_version, max_rows=self.max_batch)
-        if v.normalized:
-            q = normalize_rows(q, what="queries")
+        extra = 0 if query_ids is None else 1
+        check_slots(len(q), k + extra, self.limits.max_result_slots)
+        q = normalize_rows(q, what="queries") if v.normalized else check_norms(q, what="queries")
         own = None
         if query_ids is not None:
             own = as_ids(query_ids, len(q))
@@ -615,7 +725,6 @@ class Collection:
                 )
             if segment_version not in by_v:
                 raise NoRouteError(f"no route from version {query_version} to segment {segment_version}")
-            extra = 0 if own is None else 1
             ref = _top_k_scores(self._search_plans([by_v[query_version]], q, k + extra), own, k)
             got = _top_k_scores(self._search_plans([by_v[segment_version]], q, k + extra), own, k)
         ref, got = ref[np.isfinite(ref)], got[np.isfinite(got)]
@@ -625,6 +734,9 @@ class Collection:
         scale = float(ref.std()) / sd_got if sd_got > 1e-12 else 1.0
         scale = scale if scale > 0 else 1.0
         shift = float(ref.mean()) - scale * float(got.mean())
+        problem = self._calibration_problem(scale, shift)
+        if problem:
+            raise InvalidInputError(f"the fitted calibration of {query_version}|{segment_version} is unusable: {problem}")
         self.set_calibration(query_version, segment_version, scale, shift)
         return scale, shift
 
@@ -667,6 +779,14 @@ class Collection:
         _logger.error("%s: %s", self.name, problem)
         self.load_report.append(problem)
 
+    def _relative(self, exc: BaseException) -> str:
+        """``exc``'s message with the snapshot root cut from the paths in it (no absolute server paths)."""
+        msg = str(exc)
+        if self.snapshot_root is not None:
+            for root in {str(self.snapshot_root), str(self.snapshot_root.resolve())}:
+                msg = msg.replace(root + "/", "")
+        return msg
+
     def _load_snapshot(self) -> int | None:
         """Load the newest snapshot that verifies; returns its seq (None: none usable)."""
         if self.snapshot_root is None:
@@ -696,11 +816,13 @@ class Collection:
                     else:
                         copies[(info["source"], info["target"])] = seg
             except Exception as exc:  # any failure means: not this snapshot
-                self._report(f"snapshot {path} is unusable and was quarantined: {exc}")
+                # reports are served (collection stats): name snapshots relative to the snapshot root
+                rel = f"{self.name}/{path.name}"
+                self._report(f"snapshot {rel} is unusable and was quarantined: {self._relative(exc)}")
                 try:
                     snap.quarantine(path)
                 except OSError as qexc:
-                    self._report(f"could not quarantine {path}: {qexc}")
+                    self._report(f"could not quarantine {rel}: {qexc.strerror or type(qexc).__name__}")
                 continue
             self.segments, self.copies = segments, copies
             self.snapshot_seq = loaded.seq
@@ -715,6 +837,11 @@ class Collection:
         inconsistent index is never served.
         """
         t0 = time.perf_counter()
+        for key, (scale, shift) in list(self.config.calibration.items()):
+            problem = self._calibration_problem(float(scale), float(shift))
+            if problem:  # stored before calibrations were bounded: it would serve non-finite scores
+                del self.config.calibration[key]
+                self._report(f"calibration of {key} dropped: {problem}")
         with self.lock.write():
             self._where.clear()
             self._meta.clear()

@@ -74,9 +74,15 @@ class NoRouteError(IndexServiceError):
 
 
 class LimitExceededError(IndexServiceError):
-    """A request is larger than a configured limit (k, batch size, body size)."""
+    """A request is larger than a configured limit (k, batch, queries × k, body or response size)."""
 
     status_code = 413
+
+
+class RequestTimeoutError(IndexServiceError):
+    """The request body did not arrive in full within the configured time (``body_timeout_seconds``)."""
+
+    status_code = 408
 
 
 class UnauthorizedError(IndexServiceError):

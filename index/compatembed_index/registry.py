@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from compatembed_index.errors import ConflictError, ManifestError, VersionNotFoundError
+from compatembed_index.validation import check_path
 
 _logger = logging.getLogger(__name__)
 
 FORMAT_PREFIX = "compatembed.model_version/"
-VERSION_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+VERSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")  # always used with fullmatch: `$` admits a final newline
 QUERY_EDGE_KINDS = ("identity", "prefix", "affine")
 EDGE_KINDS = (*QUERY_EDGE_KINDS, "forward")
 ACTIVATIONS = ("relu", "gelu")
@@ -202,7 +203,7 @@ def _parse_edge(raw: Any, owner: str, dim: int, files: dict[str, bytes], idx: in
         raise ManifestError(f"{where}: unknown edge kind {kind!r} (known: {', '.join(EDGE_KINDS)})")
     key = "source" if kind == "forward" else "target"
     other = raw.get(key)
-    if not isinstance(other, str) or not VERSION_ID_RE.match(other):
+    if not isinstance(other, str) or not VERSION_ID_RE.fullmatch(other):
         raise ManifestError(f"{where}: {kind} edge needs a valid {key!r} version id, got {other!r}")
     if other == owner:
         raise ManifestError(f"{where}: edge points to its own version {owner!r}")
@@ -272,7 +273,7 @@ def parse_version(manifest: dict[str, Any], files: dict[str, bytes]) -> ModelVer
     if not isinstance(fmt, str) or not fmt.startswith(FORMAT_PREFIX):
         raise ManifestError(f"manifest format must start with {FORMAT_PREFIX!r}, got {fmt!r}")
     vid = manifest.get("version_id")
-    if not isinstance(vid, str) or not VERSION_ID_RE.match(vid):
+    if not isinstance(vid, str) or not VERSION_ID_RE.fullmatch(vid):
         raise ManifestError(f"version_id must match [A-Za-z0-9._-]{{1,64}}, got {vid!r}")
     emb = manifest.get("embedding")
     if not isinstance(emb, dict):
@@ -313,16 +314,25 @@ def read_version_dir(path: str | Path) -> ModelVersion:
     is absent is an error only if an edge needs it (an index host need not receive the weights).
 
     Raises:
-        ManifestError: missing manifest, bad JSON, a checksum mismatch, a missing transform file.
+        InvalidInputError: ``path`` is not a usable path string (empty, too long, a NUL or a lone surrogate).
+        ManifestError: missing manifest, bad JSON, a checksum mismatch, a missing transform file, a file
+            the server cannot read.
     """
-    root = Path(path)
+    root = Path(check_path(path, "version path"))
+    try:
+        return _read_version_dir(root)
+    except OSError as exc:  # permissions, a name too long for the filesystem, a loop of links, ...
+        raise ManifestError(f"{root}: cannot read the version directory: {exc.strerror or type(exc).__name__}") from None
+
+
+def _read_version_dir(root: Path) -> ModelVersion:
     mpath = root / "manifest.json"
     if not mpath.is_file():
         raise ManifestError(f"{root}: not a model version directory (no manifest.json)")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{mpath}: invalid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ManifestError(f"{mpath}: invalid JSON: {exc}") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{mpath}: must hold a JSON object")
     listed = manifest.get("files", {})
@@ -384,11 +394,20 @@ class VersionRegistry:
         self._routes: dict[tuple[str, str, str], Route | None] = {}
         self._lock = threading.Lock()
 
-    def register(self, version: ModelVersion) -> bool:
+    def register(self, version: ModelVersion, *, check_edges: bool = True) -> bool:
         """Add ``version``; returns False when the identical version is already registered.
+
+        Every edge between ``version`` and a registered version (declared by either of them) must fit
+        their dimensions; an edge to a version registered later is checked when that one arrives.
+
+        Args:
+            version: the version to add.
+            check_edges: False skips the dimension check (versions already in the store, registered
+                before the check existed: a misfit edge then fails the searches that would use it).
 
         Raises:
             ConflictError: another manifest is registered under the same id.
+            ManifestError: an edge does not fit the dimensions of the versions it joins.
         """
         with self._lock:
             old = self._versions.get(version.version_id)
@@ -398,6 +417,14 @@ class VersionRegistry:
                 raise ConflictError(
                     f"version {version.version_id!r} is already registered with a different manifest"
                 )
+            if check_edges:
+                for e in version.edges:
+                    if e.other in self._versions:
+                        self._check_edge(version, e, self._versions[e.other])
+                for other in self._versions.values():
+                    for e in other.edges:
+                        if e.other == version.version_id:
+                            self._check_edge(other, e, version)
             self._versions[version.version_id] = version
             self._routes.clear()
         _logger.info("registered version %s (dim %d)", version.version_id, version.dim)
@@ -462,6 +489,17 @@ class VersionRegistry:
                 route = Route(src, dst, tuple(steps))
             self._routes[key] = route
             return route
+
+    @staticmethod
+    def _check_edge(owner: ModelVersion, e: Edge, other: ModelVersion) -> None:
+        """Refuse edge ``e`` of ``owner`` when it does not map ``other``'s dimension to ``owner``'s or back."""
+        src, dst = (other, owner) if e.kind == "forward" else (owner, other)
+        d_in, d_out = e.in_dim or src.dim, e.out_dim or src.dim
+        if d_in != src.dim or d_out != dst.dim:
+            raise ManifestError(
+                f"version {owner.version_id!r}: {e.kind} edge {src.version_id} -> {dst.version_id} maps dim "
+                f"{d_in} -> {d_out}, but the versions have dims {src.dim} and {dst.dim}"
+            )
 
     def _check_dims(self, steps: list[Step]) -> None:
         for s in steps:

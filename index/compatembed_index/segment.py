@@ -19,6 +19,8 @@ import faiss
 import numpy as np
 
 from compatembed_index.errors import ConfigError
+from compatembed_index.factory import check_factory, check_search_params
+from compatembed_index.limits import Limits
 
 _logger = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def _gpu_available() -> bool:
 
 
 DEVICES = ("cpu", "gpu", "auto")
+_PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 def resolve_device(device: str) -> str:
@@ -66,9 +69,14 @@ class Segment:
             ``efSearch=64``.
         device: ``cpu``, ``gpu`` (the trained index is moved to GPU 0; needs faiss-gpu and a GPU) or
             ``auto`` (``gpu`` where faiss-gpu sees a GPU, else ``cpu``; :attr:`device` holds the choice).
+        limits: when given, the factory string is parsed and its counts and estimated memory are
+            checked against them (:mod:`compatembed_index.factory`) before FAISS builds anything, and
+            so are the search parameters. None trusts the caller (snapshots and rebuilds of segments
+            that were checked when they were first made).
 
     Raises:
-        ConfigError: the factory string, metric, search parameters or device cannot be used.
+        ConfigError: the factory string, metric, search parameters or device cannot be used, or the
+            factory exceeds ``limits``.
     """
 
     def __init__(
@@ -80,9 +88,13 @@ class Segment:
         train_size: int | None = None,
         search_params: str = "",
         device: str = "cpu",
+        limits: Limits | None = None,
     ) -> None:
         if metric not in METRICS:
             raise ConfigError(f"unknown metric {metric!r} (known: {', '.join(METRICS)})")
+        if limits is not None:
+            check_factory(factory, limits, dim=int(dim), train_size=train_size)
+            check_search_params(search_params, limits)
         device = resolve_device(device)
         if device == "gpu" and not _gpu_available():
             raise ConfigError("device 'gpu' requested but this faiss build has no GPU support or sees no GPU")
@@ -155,7 +167,7 @@ class Segment:
         size = 256
         if ivf is not None:
             size = max(size, 39 * int(ivf.nlist))
-        if re.search(r"PQ", self.factory, re.IGNORECASE):
+        if "PQ" in self.factory.upper():  # as FactorySpec.default_train_size
             size = max(size, 9984)
         return size
 
@@ -176,9 +188,9 @@ class Segment:
         if not isinstance(self.search_params, str):
             raise ConfigError(f"search parameters must be a string such as 'nprobe=16', got {self.search_params!r}")
         for part in filter(None, (p.strip() for p in self.search_params.split(","))):
-            _, sep, value = part.partition("=")
+            name, sep, value = part.partition("=")
             try:
-                ok = bool(sep) and float(value) > 0
+                ok = bool(sep) and _PARAM_NAME.fullmatch(name.strip()) is not None and float(value) > 0
             except ValueError:
                 ok = False
             if not ok:

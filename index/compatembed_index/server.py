@@ -7,13 +7,19 @@
   same shape; anything else is logged and answered 500.
 * FAISS and SQLite work runs in a worker thread (``anyio.to_thread``); the core's readers-writer locks
   serialise mutations against searches.
-* Bodies above ``max_body_bytes`` get 413 (by Content-Length, or while streaming without one).
+* Plain ASGI middlewares, outermost first: metrics; the API key of write routes, checked from the
+  headers before anything reads the body (401); the body, received whole within
+  ``body_timeout_seconds`` (else 408) and ``max_body_bytes`` (else 413, by Content-Length or while
+  streaming) before the app parses it.
 * With an API key configured, writes need ``X-API-Key: <key>`` or ``Authorization: Bearer <key>``.
+* The OpenAPI document lists every answer of every route (``responses=``) and, with a key, the
+  API-key security schemes; 405 answers carry ``Allow``.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import threading
 import time
@@ -22,17 +28,29 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import anyio.to_thread
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compatembed_index.api import IndexService
-from compatembed_index.errors import IndexServiceError, NotReadyError, UnauthorizedError
+from compatembed_index.errors import (
+    IndexServiceError,
+    InvalidInputError,
+    LimitExceededError,
+    NotReadyError,
+    RequestTimeoutError,
+    UnauthorizedError,
+)
+from compatembed_index.limits import Limits
 from compatembed_index.settings import IndexSettings
 
 _logger = logging.getLogger(__name__)
@@ -129,45 +147,153 @@ class AliasBody(_Body):
     collection: str
 
 
-class _TooLarge(HTTPException):  # FastAPI re-raises its own HTTPException from body parsing
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body is larger than the limit of {limit} bytes")
+class ErrorBody(BaseModel):
+    """Every error answer: the error's stable name (a class of :mod:`compatembed_index.errors`, or
+    ``ValidationError``, ``HTTPError``, ``InternalError``) and a one-line message."""
+
+    error: str
+    message: str
 
 
-class BodyLimitMiddleware:
-    """Answer 413 to bodies above ``max_bytes``, by header or while they stream in."""
+class ReadyBody(BaseModel):
+    """The readiness probe's answer."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    ready: bool
+    error: str | None = None
+
+
+_DESCRIPTIONS = {
+    400: "Bad input: NaN/Inf, ragged or non-numeric arrays, a zero vector, k <= 0, duplicate ids in a batch, "
+         "metadata that cannot be stored, an unusable factory string or path, an invalid Content-Length",
+    401: "The API key is missing or wrong (X-API-Key or Authorization: Bearer); checked before the body is read",
+    404: "Unknown collection, alias, version or item",
+    408: "The request body did not arrive in full within body_timeout_seconds",
+    409: "No route from the query's version to a segment, an id already present, a name already taken",
+    413: "Above a limit: k, batch, queries x k (max_result_slots), body, response or metadata size",
+    422: "Schema violation, or a version manifest that breaks the contract",
+    500: "A bug",
+    503: "The service is still loading its collections, or failed to start",
+}
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody, "description": _DESCRIPTIONS[c]} for c in sorted(set(codes))}
+
+
+async def _send_error(send: Send, exc: IndexServiceError, *, close: bool = False,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer ``exc`` from a plain ASGI middleware, in the shape the app's exception handlers use."""
+    body = json.dumps({"error": exc.name(), "message": str(exc)}).encode()  # ensure_ascii: always encodable
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    if close:  # the rest of the request will not be read: the connection cannot be reused
+        hdrs.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RequestBodyMiddleware:
+    """Receive the whole request body within ``timeout_s`` and ``max_bytes``, then hand it to the app.
+
+    A body declared larger than ``max_bytes`` (Content-Length) is refused with 413 before anything is
+    read, and so is one that grows past it while it streams in. A body that has not arrived in full
+    within ``timeout_s`` (a client that declares a Content-Length and sends nothing, or trickles) gets
+    408 and the connection is closed. The app then reads the buffered body at once, so nothing it does
+    waits on the client.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    def _too_large(self) -> LimitExceededError:
+        return LimitExceededError(f"request body is larger than the limit of {self.max_bytes} bytes (max_body_bytes)")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
+        length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_bytes
+                declared = int(length)
             except ValueError:
-                await _plain_error(send, 400, "InvalidInputError", "invalid Content-Length header")
+                await _send_error(send, InvalidInputError("invalid Content-Length header"), close=True)
                 return
-            if too_big:
-                await _plain_error(send, 413, "LimitExceededError",
-                                   f"request body is larger than the limit of {self.max_bytes} bytes")
+            if declared > self.max_bytes:
+                await _send_error(send, self._too_large(), close=True)
                 return
+        chunks: list[bytes] = []
         seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
+        too_large = disconnected = False
+        with anyio.move_on_after(self.timeout_s) as deadline:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    disconnected = True
+                    break
+                body = msg.get("body", b"")
+                seen += len(body)
                 if seen > self.max_bytes:
-                    raise _TooLarge(self.max_bytes)
-            return msg
+                    too_large = True
+                    break
+                if body:
+                    chunks.append(body)
+                if not msg.get("more_body", False):
+                    break
+        if disconnected:
+            return  # nobody to answer
+        if too_large:
+            await _send_error(send, self._too_large(), close=True)
+            return
+        if deadline.cancelled_caught:
+            expected = length.decode() if length is not None else "an undeclared number of"
+            await _send_error(send, RequestTimeoutError(
+                f"the request body did not arrive in full within {self.timeout_s:g} s (body_timeout_seconds): "
+                f"{seen} of {expected} bytes received"), close=True)
+            return
+        buffered: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
-        await self.app(scope, limited, send)
+        async def replay() -> Message:
+            nonlocal buffered
+            if buffered is not None:
+                msg, buffered = buffered, None
+                return msg
+            return await receive()  # after the body only http.disconnect is left to wait for
+
+        await self.app(scope, replay, send)
+
+
+class AuthMiddleware:
+    """With an API key configured, refuse write routes without it (401), from the headers alone.
+
+    It runs before anything reads the body, so an unauthenticated client learns nothing from how its
+    body is parsed (invalid JSON without a key gets 401, not 422) and cannot make the server buffer it.
+    ``write_route(scope)`` returns the matched route when it is a write route, None otherwise.
+    """
+
+    def __init__(self, app: ASGIApp, key: str | None, write_route: Callable[[Scope], Any]) -> None:
+        self.app, self.key, self.write_route = app, key, write_route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.key is None:
+            await self.app(scope, receive, send)
+            return
+        route = self.write_route(scope)
+        if route is None or self._authorised(scope):
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = route  # counted under its route in /metrics
+        await _send_error(send, UnauthorizedError(
+            "this write needs the API key (X-API-Key header or Authorization: Bearer)"), close=True,
+            headers=[(b"www-authenticate", b'Bearer realm="compatembed-index"')])
+
+    def _authorised(self, scope: Scope) -> bool:
+        headers = Headers(scope=scope)
+        given = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if given is None and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        assert self.key is not None
+        return given is not None and hmac.compare_digest(given.encode(), self.key.encode())
 
 
 class MetricsMiddleware:
@@ -201,27 +327,40 @@ class MetricsMiddleware:
             self.latency.labels(path).observe(time.perf_counter() - t0)
 
 
-async def _plain_error(send: Send, status: int, name: str, message: str) -> None:
-    import json
+def uvicorn_config(app: ASGIApp, settings: IndexSettings) -> Any:
+    """The uvicorn configuration ``serve`` runs ``app`` with: bind address, logging, and the keep-alive
+    timeout of idle connections (``keep_alive_seconds``). The time to receive a body is bounded by the
+    app itself (:class:`RequestBodyMiddleware`, ``body_timeout_seconds``)."""
+    import uvicorn
 
-    body = json.dumps({"error": name, "message": message}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                          access_log=settings.access_log, timeout_keep_alive=settings.keep_alive_seconds)
 
 
-def _error(status: int, name: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": name, "message": message}, status_code=status)
+class _ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message that quotes a caller's odd input is always encodable."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _error(status: int, name: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return _ErrorResponse({"error": name, "message": message}, status_code=status, headers=headers)
+
+
+_HTTP_ERROR_NAMES = {408: "RequestTimeoutError", 413: "LimitExceededError"}
+WRITE_SECURITY = [{"APIKeyHeader": []}, {"BearerAuth": []}]
 
 
 def create_app(service: IndexService | None = None, settings: IndexSettings | None = None) -> FastAPI:
     """Build the app.
 
     Args:
-        service: a loaded service to serve (the caller keeps ownership); None: the app opens one from
-            ``settings.data_dir`` at startup in a background thread (``/ready`` is 503 until it is
-            loaded) and closes it, with a snapshot when ``snapshot_on_shutdown``, at shutdown.
-        settings: limits, API key, data directory.
+        service: a loaded service to serve (the caller keeps ownership, and its own k, batch, factory,
+            metadata, result and response limits); None: the app opens one from ``settings.data_dir``
+            with the limits of ``settings`` at startup in a background thread (``/ready`` is 503 until
+            it is loaded) and closes it, with a snapshot when ``snapshot_on_shutdown``, at shutdown.
+        settings: body size and time limits, API key, data directory (and the service's limits, above).
     """
     settings = settings or IndexSettings()
     state: dict[str, Any] = {"service": service}
@@ -235,10 +374,19 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     def _open() -> None:
         try:
             state["service"] = IndexService(settings.data_dir, max_k=settings.max_k, max_batch=settings.max_batch,
-                                            mmap=settings.mmap, keep_snapshots=settings.keep_snapshots)
+                                            mmap=settings.mmap, keep_snapshots=settings.keep_snapshots,
+                                            limits=Limits.from_settings(settings))
         except Exception as exc:  # reported by /ready and every route
             _logger.exception("failed to open the index service")
             state["error"] = exc
+
+    def _startup_error() -> str:
+        """Why the service failed to start, without the server's absolute paths."""
+        msg = str(state.get("error", ""))
+        if settings.data_dir is not None:
+            for root in sorted({str(settings.data_dir), str(settings.data_dir.resolve())}, key=len, reverse=True):
+                msg = msg.replace(root, "<data_dir>")
+        return msg
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -250,34 +398,49 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         if owned and svc is not None:
             await anyio.to_thread.run_sync(lambda: svc.close(snapshot=settings.snapshot_on_shutdown))
 
-    app = FastAPI(title="compatembed index", version="1", lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    key = settings.api_key.get_secret_value() if settings.api_key else None
+    writes: set[Callable[..., Any]] = set()  # endpoints that need the key
+
+    def write_route(scope: Scope) -> Any:
+        for route in app.router.routes:
+            if isinstance(route, APIRoute) and route.endpoint in writes and route.matches(scope)[0] is Match.FULL:
+                return route
+        return None
+
+    app = FastAPI(title="compatembed index", version="1", lifespan=lifespan,
+                  description="A mixed-version FAISS gallery (docs/index_service.md). Errors are "
+                  "`{\"error\": name, \"message\": ...}`.")
+    # outermost last: metrics see every answer, the key is checked before the body is read, and the body
+    # is received (bounded in size and time) before the app parses it
+    app.add_middleware(RequestBodyMiddleware, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_seconds)
+    app.add_middleware(AuthMiddleware, key=key, write_route=write_route)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
 
     def svc() -> IndexService:
         s = state.get("service")
         if s is None:
             if "error" in state:
-                raise NotReadyError(f"the service failed to start: {state['error']}")
+                raise NotReadyError(f"the service failed to start: {_startup_error()}")
             raise NotReadyError("the service is still loading its collections")
         return s
 
     async def run(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
-    key = settings.api_key.get_secret_value() if settings.api_key else None
+    # -- what each route can answer, for the OpenAPI document -------------------------------------------
+    transport = (400, 408, 413, 500, 503)  # any request: bad Content-Length, slow or large body, bug, loading
+    secured = {"openapi_extra": {"security": WRITE_SECURITY}} if key is not None else {}
 
-    def require_key(request: Request) -> None:
-        if key is None:
-            return
-        given = request.headers.get("x-api-key")
-        auth = request.headers.get("authorization", "")
-        if given is None and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-            raise UnauthorizedError("this write needs the API key (X-API-Key header or Authorization: Bearer)")
+    def read_doc(*codes: int) -> dict[str, Any]:
+        return {"responses": _responses(*transport, 422, *codes)}
 
-    write = [Depends(require_key)]
+    def write_doc(*codes: int) -> dict[str, Any]:
+        return {"responses": _responses(*transport, 422, *codes, *((401,) if key is not None else ())), **secured}
+
+    def write(fn: Callable[..., T]) -> Callable[..., T]:
+        writes.add(fn)
+        return fn
 
     @app.exception_handler(IndexServiceError)
     async def _service_error(request: Request, exc: IndexServiceError) -> JSONResponse:
@@ -293,8 +456,15 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        name = "LimitExceededError" if exc.status_code == 413 else "HTTPError"
-        return _error(exc.status_code, name, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only; name those of all of them
+            path = request.scope.get("path", "")
+            methods = {m for r in app.router.routes if isinstance(r, APIRoute) and r.path_regex.match(path)
+                       for m in (r.methods or ())}
+            headers["Allow"] = ", ".join(sorted(methods)) or headers.get("Allow", "")
+        name = _HTTP_ERROR_NAMES.get(exc.status_code, "HTTPError")
+        return _error(exc.status_code, name, str(exc.detail), headers=headers or None)
 
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
@@ -302,18 +472,19 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         return _error(500, "InternalError", f"internal error: {type(exc).__name__}")
 
     # -- probes and metrics --------------------------------------------------------------------------
-    @app.get("/health")
+    @app.get("/health", responses=_responses(500))
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", response_model=ReadyBody,
+             responses={503: {"model": ReadyBody, "description": "Still loading, or failed to start"}})
     async def ready() -> JSONResponse:
         s = state.get("service")
         if s is None or not s.ready:
-            return JSONResponse({"ready": False, "error": str(state.get("error", "")) or None}, status_code=503)
+            return JSONResponse({"ready": False, "error": _startup_error() or None}, status_code=503)
         return JSONResponse({"ready": True})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=_responses(500))
     async def prometheus() -> PlainTextResponse:
         s = state.get("service")
         if s is not None:
@@ -324,92 +495,121 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         return PlainTextResponse(generate_latest(metrics).decode(), media_type=CONTENT_TYPE_LATEST)
 
     # -- versions ---------------------------------------------------------------------------------
-    @app.get("/versions")
+    @app.get("/versions", **read_doc())
     async def list_versions() -> list[dict[str, Any]]:
         return svc().versions()
 
-    @app.post("/versions", dependencies=write, status_code=201)
+    @app.post("/versions", status_code=201, **write_doc(409))
+    @write
     async def register_version(body: RegisterVersionBody) -> dict[str, Any]:
         v = await run(svc().register_version, body.path)
         return {"version_id": v.version_id, "dim": v.dim, "normalized": v.normalized}
 
     # -- collections ------------------------------------------------------------------------------
-    @app.get("/collections")
+    @app.get("/collections", **read_doc())
     async def list_collections() -> dict[str, Any]:
         s = svc()
         return {"collections": s.list_collections(), "aliases": s.aliases()}
 
-    @app.post("/collections", dependencies=write, status_code=201)
+    @app.post("/collections", status_code=201, **write_doc(404, 409))
+    @write
     async def create_collection(body: CreateCollectionBody) -> dict[str, Any]:
         opts = body.model_dump(exclude={"name"})
         return await run(svc().create_collection, body.name, **opts)
 
-    @app.get("/collections/{name}")
+    @app.get("/collections/{name}", **read_doc(404))
     async def collection_stats(name: str) -> dict[str, Any]:
         return await run(svc().stats, name)
 
-    @app.delete("/collections/{name}", dependencies=write)
+    @app.delete("/collections/{name}", **write_doc(404))
+    @write
     async def drop_collection(name: str) -> dict[str, Any]:
         await run(svc().drop_collection, name)
         return {"dropped": name}
 
-    @app.post("/collections/{name}/search")
+    @app.post("/collections/{name}/search", **read_doc(404, 409))
     async def search(name: str, body: SearchBody) -> dict[str, Any]:
         res = await run(svc().search, name, body.version, body.vectors, body.k,
                         allow_partial=body.allow_partial, include_metadata=body.include_metadata)
         return {"results": [res.hits(i) for i in range(len(res.ids))], "routes": res.routes, "skipped": res.skipped}
 
-    @app.post("/collections/{name}/points", dependencies=write)
+    @app.post("/collections/{name}/points", **write_doc(404, 409))
+    @write
     async def add_points(name: str, body: AddBody) -> dict[str, Any]:
         seq = await run(svc().add, name, body.version, body.ids, body.vectors, body.metadata, upsert=body.upsert)
         return {"added": len(body.ids), "seq": seq}
 
-    @app.post("/collections/{name}/points/delete", dependencies=write)
+    @app.post("/collections/{name}/points/delete", **write_doc(404))
+    @write
     async def delete_points(name: str, body: IdsBody) -> dict[str, Any]:
         return {"deleted": await run(svc().delete, name, body.ids)}
 
-    @app.post("/collections/{name}/points/versions")
+    @app.post("/collections/{name}/points/versions", **read_doc(404))
     async def point_versions(name: str, body: IdsBody) -> dict[str, Any]:
         return {"versions": await run(svc().versions_of, name, body.ids)}
 
-    @app.post("/collections/{name}/points/upgrade", dependencies=write)
+    @app.post("/collections/{name}/points/upgrade", **write_doc(404))
+    @write
     async def upgrade_points(name: str, body: UpgradeBody) -> dict[str, Any]:
         seq = await run(svc().upgrade, name, body.version, body.ids, body.vectors, body.metadata)
         return {"upgraded": len(body.ids), "seq": seq}
 
-    @app.post("/collections/{name}/materialise", dependencies=write)
+    @app.post("/collections/{name}/materialise", **write_doc(404, 409))
+    @write
     async def materialise(name: str, body: MaterialiseBody) -> dict[str, Any]:
         return await run(svc().materialise, name, body.source, body.target)
 
-    @app.post("/collections/{name}/calibrate", dependencies=write)
+    @app.post("/collections/{name}/calibrate", **write_doc(404, 409))
+    @write
     async def calibrate(name: str, body: CalibrateBody) -> dict[str, Any]:
         scale, shift = await run(svc().calibrate, name, body.query_version, body.segment_version, body.vectors, body.k,
                                  query_ids=body.ids)
         return {"scale": scale, "shift": shift}
 
-    @app.put("/collections/{name}/calibration", dependencies=write)
+    @app.put("/collections/{name}/calibration", **write_doc(404))
+    @write
     async def set_calibration(name: str, body: CalibrationBody) -> dict[str, Any]:
         coll = svc().collection(name)
         await run(coll.set_calibration, body.query_version, body.segment_version, body.scale, body.shift)
         return {"calibration": coll.stats()["calibration"]}
 
-    @app.post("/collections/{name}/snapshot", dependencies=write)
+    @app.post("/collections/{name}/snapshot", **write_doc(404))
+    @write
     async def snapshot(name: str) -> dict[str, Any]:
-        return {"snapshots": await run(svc().snapshot, name)}
+        # ids and names relative to the data directory: no absolute server path leaves the server
+        return {"snapshots": await run(svc().snapshot_records, name)}
 
     # -- aliases ----------------------------------------------------------------------------------
-    @app.get("/aliases")
+    @app.get("/aliases", **read_doc())
     async def list_aliases() -> dict[str, str]:
         return svc().aliases()
 
-    @app.put("/aliases/{alias}", dependencies=write)
+    @app.put("/aliases/{alias}", **write_doc(404, 409))
+    @write
     async def set_alias(alias: str, body: AliasBody) -> dict[str, str]:
         await run(svc().set_alias, alias, body.collection)
         return {"alias": alias, "collection": body.collection}
 
-    @app.delete("/aliases/{alias}", dependencies=write)
+    @app.delete("/aliases/{alias}", **write_doc(404))
+    @write
     async def remove_alias(alias: str) -> dict[str, str]:
         await run(svc().remove_alias, alias)
         return {"removed": alias}
+
+    if key is not None:
+        def openapi() -> dict[str, Any]:
+            if app.openapi_schema is None:
+                schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                     routes=app.routes)
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                                     "description": "The service's API key (needed by every write)"},
+                    "BearerAuth": {"type": "http", "scheme": "bearer",
+                                   "description": "The same key as a Bearer token"},
+                }
+                app.openapi_schema = schema
+            return app.openapi_schema
+
+        app.openapi = openapi  # type: ignore[method-assign]
 
     return app

@@ -16,13 +16,22 @@ import numpy as np
 
 from compatembed_index.errors import DimensionMismatchError, InvalidInputError, LimitExceededError
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")  # always used with fullmatch: `$` admits a final newline
 MAX_ID = 2**63 - 1
+MAX_L2_NORM = 1e15
+"""Largest L2 norm of a vector of an unnormalised (L2) version, stored or query: squared distances
+(at most (2·1e15)² = 4e30) and the norms FAISS adds up then stay far inside float32, whose range ends
+at 3.4e38. Beyond it a distance overflows to inf and FAISS silently drops the hit."""
+MAX_CALIBRATION_SCALE = 1e6
+MAX_CALIBRATION_SHIFT = 1e30
+"""Bounds of a score calibration ``scale · score + shift``: with scores of at most 4e30 in magnitude
+(see :data:`MAX_L2_NORM`; cosine scores lie in [-1, 1]) the calibrated score stays finite in float32."""
+MAX_PATH_CHARS = 4096
 
 
 def check_name(name: Any, what: str) -> str:
     """A collection or alias name: ``[A-Za-z0-9._-]``, 1–64 characters, not starting with a dot."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidInputError(f"{what} name must match [A-Za-z0-9_-][A-Za-z0-9._-]{{0,63}}, got {name!r}")
     return name
 
@@ -59,6 +68,18 @@ def as_matrix(x: Any, dim: int, *, what: str, version: str, max_rows: int | None
         bad = int(np.flatnonzero(~finite)[0])
         raise InvalidInputError(f"{what} row {bad} contains NaN or Inf (or a value beyond float32 range)")
     return out
+
+
+def check_norms(x: np.ndarray, *, what: str) -> np.ndarray:
+    """Refuse rows of an unnormalised (L2) version whose norm exceeds :data:`MAX_L2_NORM` (see there)."""
+    norms = np.linalg.norm(np.asarray(x, dtype=np.float64), axis=1)
+    bad = np.flatnonzero(~(norms <= MAX_L2_NORM))
+    if bad.size:
+        raise InvalidInputError(
+            f"{what} row {int(bad[0])} has L2 norm {norms[bad[0]]:.3g}, above the limit of {MAX_L2_NORM:g} for an "
+            "unnormalised version: its squared distances would overflow float32"
+        )
+    return x
 
 
 def normalize_rows(x: np.ndarray, *, what: str) -> np.ndarray:
@@ -110,11 +131,32 @@ def as_ids(ids: Any, n: int | None = None, *, max_rows: int | None = None) -> np
     return arr
 
 
-def as_metadata(metadata: Any, n: int) -> list[str | None] | None:
+def _depth(obj: Any, limit: int) -> int:
+    """Nesting depth of objects and lists in ``obj`` (iterative; stops counting past ``limit``)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list, tuple)):
+            deepest = max(deepest, d)
+            if d > limit:
+                return d
+            stack.extend((c, d + 1) for c in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
+def as_metadata(metadata: Any, n: int, *, max_bytes: int | None = None,
+                max_depth: int | None = None) -> list[str | None] | None:
     """Serialise per-item metadata (a list of JSON objects or None) to JSON strings.
 
+    What is accepted can always be returned: every entry must encode as UTF-8 JSON (no lone surrogate,
+    no NaN), nest at most ``max_depth`` objects and lists deep (deeper ones break the response
+    encoder) and take at most ``max_bytes`` bytes.
+
     Raises:
-        InvalidInputError: not a list of length ``n``, an entry that is not an object, not JSON-serialisable.
+        InvalidInputError: not a list of length ``n``, an entry that is not an object, not JSON-serialisable,
+            not UTF-8-encodable, or too deep.
+        LimitExceededError: an entry larger than ``max_bytes``.
     """
     if metadata is None:
         return None
@@ -127,11 +169,46 @@ def as_metadata(metadata: Any, n: int) -> list[str | None] | None:
             continue
         if not isinstance(m, dict):
             raise InvalidInputError(f"metadata[{i}] must be an object or null, got {type(m).__name__}")
+        if max_depth is not None and _depth(m, max_depth) > max_depth:
+            raise InvalidInputError(f"metadata[{i}] nests deeper than the limit of {max_depth} levels")
         try:
-            out.append(json.dumps(m, allow_nan=False, sort_keys=True))
-        except (TypeError, ValueError) as exc:
-            raise InvalidInputError(f"metadata[{i}] is not JSON-serialisable: {exc}") from None
+            text = json.dumps(m, allow_nan=False, sort_keys=True, ensure_ascii=False)
+            encoded = text.encode("utf-8")
+        except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError is a ValueError
+            reason = "it holds a lone surrogate, which UTF-8 cannot encode" if isinstance(exc, UnicodeError) else exc
+            raise InvalidInputError(f"metadata[{i}] is not JSON-serialisable: {reason}") from None
+        if max_bytes is not None and len(encoded) > max_bytes:
+            raise LimitExceededError(
+                f"metadata[{i}] takes {len(encoded)} bytes as JSON, above the limit max_metadata_bytes={max_bytes}"
+            )
+        out.append(json.dumps(m, allow_nan=False, sort_keys=True))
     return out
+
+
+def check_path(path: Any, what: str = "path") -> str:
+    """A filesystem path sent by a caller: a non-empty string the OS can take and JSON can carry back.
+
+    Raises:
+        InvalidInputError: not a string, empty, longer than 4096 characters, a NUL byte, a lone
+            surrogate, or a component longer than 255 bytes.
+    """
+    import os
+
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise InvalidInputError(f"{what} must be a non-empty string, got {type(path).__name__}")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidInputError(f"{what} has {len(path)} characters, above the limit of {MAX_PATH_CHARS}")
+    if "\x00" in path:
+        raise InvalidInputError(f"{what} contains a NUL character")
+    try:
+        parts = [p.encode("utf-8") for p in path.split("/")]
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"{what} holds a lone surrogate: it is not valid Unicode") from None
+    if any(len(p) > 255 for p in parts):
+        raise InvalidInputError(f"{what} has a component longer than 255 bytes")
+    return path
 
 
 def check_k(k: Any, max_k: int) -> int:
@@ -143,6 +220,14 @@ def check_k(k: Any, max_k: int) -> int:
     if k > max_k:
         raise LimitExceededError(f"k={k} is above the limit of {max_k}")
     return int(k)
+
+
+def check_slots(n_queries: int, k: int, max_slots: int | None) -> None:
+    """Refuse a search whose ``queries × k`` result slots exceed ``max_slots`` (None: no limit)."""
+    if max_slots is not None and n_queries * k > max_slots:
+        raise LimitExceededError(
+            f"{n_queries} queries × k={k} = {n_queries * k} result slots, above the limit max_result_slots={max_slots}"
+        )
 
 
 def check_float(v: Any, what: str) -> float:

@@ -170,3 +170,43 @@ def assert_same_topk(ids: np.ndarray, scores: np.ndarray, ref_ids: np.ndarray, r
         tied[-1] = True  # the boundary item may tie with the (k+1)-th
         assert set(ids[r][~tied].tolist()) <= set(ref_ids[r].tolist())
         np.testing.assert_array_equal(ids[r][~tied], ref_ids[r][~tied])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServedApp:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a thread, with the configuration ``serve`` uses
+    (:func:`compatembed_index.server.uvicorn_config`); the context gives the base URL."""
+
+    def __init__(self, app: Any, settings: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from compatembed_index.server import uvicorn_config
+
+        self.port = free_port()
+        settings = settings.model_copy(update={"host": "127.0.0.1", "port": self.port, "log_level": "warning"})
+        self.server = uvicorn.Server(uvicorn_config(app, settings))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
