@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from index_helpers import Chain
+from index_helpers import Chain, ServedApp
 
 from compatembed_index.api import IndexService
 from compatembed_index.client import IndexClient
@@ -22,31 +19,6 @@ from compatembed_index.settings import IndexSettings
 
 KEY = "s3cret"
 LIMIT = 300_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +33,7 @@ def served(tmp_path_factory):
     for v, n, d, off in (("v1", 200, 16, 0), ("v2", 100, 24, 1000), ("v3", 50, 32, 2000)):
         svc.add("g", v, np.arange(n) + off, rng.normal(size=(n, d)), [{"v": v}] * n)
     settings = IndexSettings(api_key=KEY, max_body_bytes=LIMIT, max_k=50, max_batch=500)
-    with _Server(create_app(svc, settings)) as url:
+    with ServedApp(create_app(svc, settings), settings) as url:
         yield url, svc, chain
     svc.close()
 
