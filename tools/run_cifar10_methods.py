@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tools._runner import REPO, evaluate, machine, pct, train, write_json
+from tools._runner import REPO, evaluate, machine, train, write_json
 
 METRICS = ("top1", "top5", "mAP", "mAP@R")
 METHODS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
