@@ -198,8 +198,10 @@ def main(argv: list[str] | None = None) -> int:
         base_step = (baseline or trained)["manifest"]["training"]["summary"].get("train/step_time_s")
         step = summary.get("train/step_time_s")
         ratio = None if not (step and base_step) or entry.experiment in POST_HOC else step / base_step
-        rows.add(entry.label, entry.baseline, summarise(seed, report, base_self, ratio, trained["wall_s"],
-                                                        summary.get("train/images_per_s")))
+        row = summarise(seed, report, base_self, ratio, trained["wall_s"], summary.get("train/images_per_s"))
+        if baseline is None:  # a baseline measured against itself: it has no update gain
+            row["update_gain"] = {m: None for m in row["update_gain"]}
+        rows.add(entry.label, entry.baseline, row)
         _write(args, name, old, rows, failed, argv)  # after every run: a cut-short invocation keeps what it measured
         return {**trained, "report": report}
 
