@@ -263,7 +263,7 @@ def _mean_spread(s: dict[str, float | None], scale: float = 100.0, fmt: str = "{
         return "—"
     text = fmt.format(scale * s["mean"])
     if s["max"] != s["min"]:
-        text += " ±" + fmt.format(scale * (s["max"] - s["min"]) / 2)
+        text += " ±" + fmt.replace("+", "").format(abs(scale) * (s["max"] - s["min"]) / 2)
     return text
 
 
