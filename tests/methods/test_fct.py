@@ -168,9 +168,10 @@ def fct_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
 
 
 def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions, tmp_path):
-    from compatembed.evaluate import evaluate, load_or_extract
+    from compatembed.embeddings import load_or_extract
+    from compatembed.eval.pair_report import evaluate
     from compatembed.eval import retrieval_metrics
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "fct"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -198,7 +199,7 @@ def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions,
 
 def test_adopted_new_model_with_side_information(versions, tmp_path):
     """ψ = features of another frozen version; h's input is concat(old, ψ) and the edge says so."""
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "side", f"method.new_version={versions['new']}", "trainer.epochs=0",
                         f"method.side_info_version={versions['new']}"))
@@ -220,7 +221,8 @@ def test_experiments_compose_and_instantiate(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.fct.FCT"
     assert cfg.method.old_version.startswith("runs/")
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))
+    embed_dim = cfg.model.embed_dim  # null (the external scenario): the backbone's pooled feature
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=embed_dim and int(embed_dim))
     assert isinstance(instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes)), FCT)
 
 

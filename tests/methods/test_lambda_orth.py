@@ -272,9 +272,10 @@ def lambda_orth_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictCo
 
 
 def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
-    from compatembed.evaluate import evaluate, load_or_extract
+    from compatembed.embeddings import load_or_extract
+    from compatembed.eval.pair_report import evaluate
     from compatembed.eval import retrieval_metrics
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(lambda_orth_cfg(versions, tmp_path / "lo", "method.tolerance=0.5"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -304,7 +305,7 @@ def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
 
 
 def test_adopting_a_trained_new_version_keeps_its_weights(versions, tmp_path):
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(lambda_orth_cfg(versions, tmp_path / "adopt", f"method.new_version={versions['new']}", "trainer.epochs=0",
                                 "method.tolerance=0"))
@@ -319,7 +320,7 @@ def test_adopting_a_trained_new_version_keeps_its_weights(versions, tmp_path):
 
 
 def test_adopting_needs_zero_epochs_and_the_same_architecture(versions, tmp_path):
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     with pytest.raises(ConfigError):
         train(lambda_orth_cfg(versions, tmp_path / "a", f"method.new_version={versions['new']}"))  # trainer=smoke: 1 epoch
@@ -339,7 +340,7 @@ def test_missing_old_version_is_a_config_error(tmp_path):
 
 
 def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch, capsys):
-    from compatembed.evaluate import load_or_extract
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
 
     monkeypatch.syspath_prepend(str(REPO))
@@ -380,7 +381,8 @@ def test_experiments_compose_and_instantiate(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.lambda_orth.LambdaOrth"
     assert cfg.method.old_version.startswith("runs/")
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))
+    embed_dim = cfg.model.embed_dim  # null (the external scenario): the backbone's pooled feature
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=embed_dim and int(embed_dim))
     method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
     assert isinstance(method, LambdaOrth) and method.tolerance == 1.0
 
