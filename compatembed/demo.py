@@ -26,8 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from compatembed_index.api import IndexService
 
 from compatembed.cli import compose_config, run_cli
+from compatembed.data import build_dataset
+from compatembed.embeddings import load_or_extract
+from compatembed.eval.plots import plot_neighbours
+from compatembed.eval.report import build_report
+from compatembed.training.run import train
 
 _logger = logging.getLogger(__name__)
 
@@ -82,9 +88,6 @@ def _picture_queries(labels: np.ndarray, count: int) -> np.ndarray:
 def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[dict[str, Any]]]], query_ids: np.ndarray,
                       query_labels: np.ndarray) -> Path:
     """The picture of what compatibility means: each query's top-5 under every search, right ones in green."""
-    from compatembed.data import build_dataset
-    from compatembed.eval.plots import plot_neighbours
-
     images = build_dataset(data_cfg, "test")  # no transform: PIL images, the decoded array when cached
     position = {int(i): p for p, i in enumerate(images.ids)}
     names = images.classes
@@ -103,12 +106,6 @@ def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[di
 
 def run(args: argparse.Namespace) -> Path:
     """Run the story; returns the path of ``report.md``."""
-    from compatembed_index.api import IndexService
-
-    from compatembed.evaluate import load_or_extract
-    from compatembed.report import build_report
-    from compatembed.train import train
-
     out = Path(args.out)
     started = time.perf_counter()
     progress = not args.no_progress

@@ -1,6 +1,6 @@
 """Training and extraction throughput: the project's full step, data included, against a plain loop.
 
-For each method (built exactly as ``compatembed-train`` builds it, :func:`compatembed.train.prepare_method`:
+For each method (built exactly as ``compatembed-train`` builds it, :func:`compatembed.training.run.prepare_method`:
 frozen models, cached teacher features, the pseudo classifier) this times the project's training loop
 (:func:`compatembed.training.fit`) fed by the loader training uses (:func:`compatembed.data.loaders.training_loader`:
 on CIFAR the decoded-array cache with batched augmentation), so images/s include the data path. Next to
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from compatembed.data.loaders import training_loader
     from compatembed.embeddings import embed_dataset
     from compatembed.hardware import set_torch_threads
-    from compatembed.train import prepare_method, seed_everything
+    from compatembed.training.run import prepare_method, seed_everything
     from compatembed.training import NullLogger, TrainerConfig, fit
 
     prepared: dict[str, tuple[Any, Any, Any]] = {}

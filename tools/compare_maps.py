@@ -112,7 +112,7 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from compatembed.eval import retrieval_metrics
-    from compatembed.evaluate import load_or_extract
+    from compatembed.embeddings import load_or_extract
     from compatembed.hardware import resolve_num_workers
     from compatembed.methods.maps import (
         fit_lambda_orthogonal,
@@ -121,7 +121,7 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
         mean_cosine,
         procrustes,
     )
-    from compatembed.training import resolve_device
+    from compatembed.hardware import resolve_device
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """The compatibility report's files: ``report.md``, ``report.json``, CSVs, and (optionally) wandb.
 
-:func:`render_markdown` turns the report dict that :mod:`compatembed.report` assembles into a document
+:func:`render_markdown` turns the report dict that :func:`compatembed.eval.report.build_report` assembles into a document
 that reads on its own: what was compared and how, the matrix per metric, the criterion per pair, AC/AM,
 the update gain per step, the mixed-gallery and backfill results, the deployment verdict and the plots.
 Every section is always present; a section that was not run says so and why.

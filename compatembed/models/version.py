@@ -20,7 +20,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -341,6 +341,29 @@ def load_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as exc:
         raise ManifestError(f"unreadable manifest {manifest_path}: {exc}") from exc
     return validate_manifest(manifest, str(manifest_path))
+
+
+def ancestor_dirs(version_dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The given version directories plus every ancestor training recorded (routes compose through them)."""
+    seen: dict[str, Path] = {}
+    pending = [Path(d) for d in version_dirs]
+    while pending:
+        directory = pending.pop(0)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise ManifestError(f"{directory}: not a model version directory (no {MANIFEST})")
+        manifest = json.loads(manifest_path.read_text())
+        vid = str(manifest.get("version_id"))
+        if vid in seen:
+            continue
+        seen[vid] = directory
+        recorded = manifest.get("training", {}).get("old_version_dir")
+        if recorded:
+            for candidate in (Path(recorded), directory.parent / Path(recorded).name):
+                if (candidate / MANIFEST).is_file():
+                    pending.append(candidate)
+                    break
+    return list(seen.values())
 
 
 def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path:

@@ -17,7 +17,8 @@ from sklearn.metrics import average_precision_score
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
 from compatembed.eval.matrix import compute_matrix
-from compatembed.eval.mixed_gallery import MixedGallery, ancestor_dirs, split_gallery
+from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
+from compatembed.models.version import ancestor_dirs
 
 G, CLASSES = 48, 4
 

@@ -190,7 +190,7 @@ def test_inconsistent_sizes_are_config_errors(d_old, d_new, k, scale, orthogonal
 @pytest.fixture(scope="module")
 def versions(tmp_path_factory) -> dict[str, Path]:
     """Old model (classes 0-4, 16-d) and an independent new model (0-9, 24-d), a few steps each."""
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     root = tmp_path_factory.mktemp("bt2_runs")
     out: dict[str, Path] = {"cache": root / "cache"}
@@ -312,8 +312,10 @@ def test_export_and_load_give_identical_embeddings(versions, orthogonal_map, tmp
 
 
 def test_training_exports_a_bt2_version_that_eval_routes_by_prefix(versions, tmp_path, monkeypatch):
-    from compatembed.evaluate import evaluate, load_or_extract, route_pair
-    from compatembed.train import train
+    from compatembed.embeddings import load_or_extract
+    from compatembed.eval.pair_report import evaluate
+    from compatembed.eval.pairs import route_pair
+    from compatembed.training.run import train
 
     monkeypatch.chdir(tmp_path)
     cfg = compose_train(bt2_overrides(versions, "trainer.epochs=1", "trainer.max_steps_per_epoch=3",

@@ -126,7 +126,9 @@ def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     old_version: Path, tmp_path: Path, train_version, compose
 ) -> None:
     from compatembed.eval import retrieval_metrics
-    from compatembed.evaluate import evaluate, evaluate_pair, load_or_extract
+    from compatembed.embeddings import load_or_extract
+    from compatembed.eval.pair_report import evaluate
+    from compatembed.eval.pairs import evaluate_pair
 
     out = train_version(
         tmp_path / "oca", ["method=oca", f"method.old_version={old_version}", f"method.extra_dims={K}", f"model.embed_dim={D_OLD + K}"]

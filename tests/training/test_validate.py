@@ -9,7 +9,7 @@ import pytest
 
 from compatembed.cli import compose_config
 from compatembed.errors import ConfigError
-from compatembed.train import train_and_validate
+from compatembed.training.run import train_and_validate
 
 TINY = ["data=synthetic", "model=cifar_resnet20", "model.embed_dim=16", "trainer.progress=false", "trainer.epochs=1",
         "trainer.num_threads=1", "data.validation.fraction=0.2", "validation.enabled=true"]
