@@ -111,17 +111,11 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
     """Fit every map and evaluate it; returns the JSON payload (also written to ``<out>.json``/``.md``)."""
     import torch
 
-    from compatembed.eval import retrieval_metrics
     from compatembed.embeddings import load_or_extract
-    from compatembed.hardware import resolve_num_workers
-    from compatembed.methods.maps import (
-        fit_lambda_orthogonal,
-        gram_deviation,
-        least_squares_affine,
-        mean_cosine,
-        procrustes,
-    )
-    from compatembed.hardware import resolve_device
+    from compatembed.eval import retrieval_metrics
+    from compatembed.hardware import resolve_device, resolve_num_workers
+    from compatembed.methods.lambda_orth import fit_lambda_orthogonal
+    from compatembed.methods.maps import gram_deviation, least_squares_affine, mean_cosine, procrustes
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compatembed.embeddings import embed_dataset
-from compatembed.errors import ConfigError
+from compatembed.errors import ConfigError, DataError
 from compatembed.models.version import (
     CompatibilityEdge,
     LoadedVersion,
@@ -58,6 +58,20 @@ class MethodContext:
     num_workers: int = 0
     model_config: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
+
+    def labels(self) -> torch.Tensor:
+        """Labels of ``train_set`` in item order, read from its ``targets`` (no image is decoded).
+
+        Returns:
+            (N,) int64 tensor on CPU.
+
+        Raises:
+            DataError: the training set exposes no ``targets`` (every project dataset does).
+        """
+        targets = getattr(self.train_set, "targets", None)
+        if targets is None:
+            raise DataError(f"training set {type(self.train_set).__name__} has no 'targets'; methods need per-item labels")
+        return torch.as_tensor(np.asarray(targets, dtype=np.int64))
 
     def features(self, model: nn.Module, *, name: str) -> torch.Tensor:
         """L2-normalised features of every training item under ``model`` (eval mode, no augmentation).

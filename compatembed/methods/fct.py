@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.maps import PostHocMapMethod, shuffled_batches, first_last_means, mean_cosine
+from compatembed.methods.maps import first_last_means, mean_cosine, shuffled_batches
+from compatembed.methods.post_hoc import PostHocMapMethod
 from compatembed.models.version import CompatibilityEdge, LoadedVersion, load_model_version
 
 _logger = logging.getLogger(__name__)

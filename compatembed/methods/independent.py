@@ -32,7 +32,7 @@ def classification_step(
     """Independent's training step on one batch: ``{"ce": ...}`` and the batch accuracy ``{"acc": ...}``.
 
     Shared with the methods that train their new model in the run exactly like ``Independent``
-    (:class:`compatembed.methods.maps.PostHocMapMethod`), so the two cannot drift apart.
+    (:class:`compatembed.methods.post_hoc.PostHocMapMethod`), so the two cannot drift apart.
 
     Args:
         classifier: the linear classifier on the embedding.

@@ -17,15 +17,11 @@ from sklearn.linear_model import LinearRegression
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.lambda_orth import LambdaOrth
+from compatembed.methods.lambda_orth import LambdaOrth, cross_supervised_contrastive, fit_lambda_orthogonal, lambda_orth_terms
 from compatembed.methods.maps import (
     DEVIATIONS,
-    ORTHOGONAL_MAPS,
     AffineMap,
-    cross_supervised_contrastive,
-    fit_lambda_orthogonal,
     gram_deviation,
-    lambda_orth_terms,
     least_squares_affine,
     orthogonality_deviation,
     orthogonality_penalty,
@@ -33,6 +29,7 @@ from compatembed.methods.maps import (
     spectral_deviation,
 )
 from compatembed.models import EmbeddingModel, create_backbone
+from compatembed.models.orthogonal import ORTHOGONAL_MAPS
 from compatembed.models.version import load_model_version, module_sha256
 from helpers.configs import compose_config
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from compatembed.errors import ConfigError
-from compatembed.methods.oca import ORTHOGONAL_MAPS, OCA
+from compatembed.methods.oca import OCA
+from compatembed.models.orthogonal import ORTHOGONAL_MAPS
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
 D_OLD, K = 16, 8
