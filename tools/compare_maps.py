@@ -114,7 +114,7 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
     from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
     from compatembed.hardware import resolve_device, resolve_num_workers
-    from compatembed.methods.lambda_orth import fit_lambda_orthogonal
+    from compatembed.methods.lambda_orth import LambdaOrthOptions, fit_lambda_orthogonal
     from compatembed.methods.maps import gram_deviation, least_squares_affine, mean_cosine, procrustes
 
     if args.threads > 0:
@@ -167,11 +167,11 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
         w, b = least_squares_affine(x_new, x_old, bias=with_bias)
         affine_row(f"least squares (λ=∞ closed form){tag}", w, b, lam=None, with_bias=with_bias, seconds=time.perf_counter() - started)
         for lam in args.lambdas:
-            fit = fit_lambda_orthogonal(
-                x_new, x_old, tolerance=lam, penalty_weight=args.penalty_weight, deviation=args.deviation, bias=with_bias,
+            options = LambdaOrthOptions(
+                tolerance=lam, penalty_weight=args.penalty_weight, deviation=args.deviation, bias=with_bias,
                 orthogonal_map=args.orthogonal_map, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                device=device,
             )
+            fit = fit_lambda_orthogonal(x_new, x_old, options=options, device=device)
             weight, bias = (torch.from_numpy(a) for a in fit.map.exported())
             label = "∞" if math.isinf(lam) else f"{lam:g}"
             affine_row(

@@ -114,25 +114,61 @@ def parse_tolerance(value: float | str | None) -> float:
     return tol
 
 
+@dataclass(frozen=True)
+class LambdaOrthOptions:
+    """The options of the λ-orthogonal fit, checked once (``method=lambda_orth`` builds them from its keys).
+
+    Attributes:
+        tolerance: λ >= 0, or None / ``"inf"`` for ∞ (stored as a float, ``math.inf`` for ∞).
+        penalty_weight: μ, the weight of the squared hinge.
+        deviation: ``gram`` (‖G − I‖_F) or ``spectral`` (singular values outside [1 − λ, 1 + λ]).
+        bias: learn a free bias b (off by default: a shared offset added to every query erodes ranking).
+        center: centre both feature sets (Procrustes / least squares on centred data); the exported
+            bias then holds ``μ_out − W μ_in``.
+        objective: ``cosine`` (1 − cos) or ``mse`` for the alignment term.
+        alignment_weight: weight of the alignment term.
+        supcon_weight: weight of the supervised contrastive term (0: off).
+        temperature: τ of the supervised contrastive term.
+        orthogonal_map: parametrisation used at λ = 0 (see :data:`compatembed.models.orthogonal.ORTHOGONAL_MAPS`).
+        steps / batch_size / lr: Adam on mini-batches (cosine-annealed learning rate).
+        seed: seeds the batch order.
+
+    Raises:
+        ConfigError: a negative λ or an unknown deviation, objective or orthogonal map.
+    """
+
+    tolerance: float | str | None = 1.0
+    penalty_weight: float = 10.0
+    deviation: str = "gram"
+    bias: bool = False
+    center: bool = False
+    objective: str = "cosine"
+    alignment_weight: float = 1.0
+    supcon_weight: float = 0.0
+    temperature: float = 0.1
+    orthogonal_map: str = "matrix_exp"
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, known in (("deviation", DEVIATIONS), ("objective", OBJECTIVES), ("orthogonal_map", ORTHOGONAL_MAPS)):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"unknown lambda_orth {key} {getattr(self, key)!r}; known: {', '.join(known)}")
+        typed = {"tolerance": parse_tolerance(self.tolerance), "bias": bool(self.bias), "center": bool(self.center),
+                 **{k: float(getattr(self, k)) for k in ("penalty_weight", "alignment_weight", "supcon_weight", "temperature", "lr")},
+                 **{k: int(getattr(self, k)) for k in ("steps", "batch_size", "seed")}}
+        for key, value in typed.items():
+            object.__setattr__(self, key, value)
+
+
 def fit_lambda_orthogonal(
     x: torch.Tensor,
     y: torch.Tensor,
     labels: torch.Tensor | None = None,
+    options: LambdaOrthOptions | None = None,
     *,
-    tolerance: float | str | None = 1.0,
-    penalty_weight: float = 10.0,
-    deviation: str = "gram",
-    bias: bool = False,
-    center: bool = False,
-    objective: str = "cosine",
-    alignment_weight: float = 1.0,
-    supcon_weight: float = 0.0,
-    temperature: float = 0.1,
-    orthogonal_map: str = "matrix_exp",
-    steps: int = 2000,
-    batch_size: int = 1024,
-    lr: float = 1e-3,
-    seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> LambdaOrthFit:
     """Fit ``B(x) = W x + b`` from the new space (x) to the old space (y) with tolerance λ on W's orthogonality.
@@ -147,64 +183,44 @@ def fit_lambda_orthogonal(
         x: (N, d_in) new-model features of the training items (L2-normalised).
         y: (N, d_out) old-model features of the same items (L2-normalised).
         labels: (N,) class ids; needed only when ``supcon_weight > 0``.
-        tolerance: λ >= 0, or None / ``"inf"`` for ∞.
-        penalty_weight: μ, the weight of the squared hinge.
-        deviation: ``gram`` (‖G − I‖_F) or ``spectral`` (singular values outside [1 − λ, 1 + λ]).
-        bias: learn a free bias b (off by default: a shared offset added to every query erodes ranking).
-        center: centre both feature sets (Procrustes / least squares on centred data); the exported
-            bias then holds ``μ_out − W μ_in``.
-        objective: ``cosine`` (1 − cos) or ``mse`` for the alignment term.
-        alignment_weight: weight of the alignment term.
-        supcon_weight: weight of the supervised contrastive term (0: off).
-        temperature: τ of the supervised contrastive term.
-        orthogonal_map: parametrisation used at λ = 0.
-        steps / batch_size / lr: Adam on mini-batches (cosine-annealed learning rate).
-        seed: seeds the batch order.
+        options: the fit's options (default: :class:`LambdaOrthOptions` ``()``).
         device: where the fit runs.
 
     Returns:
         A :class:`LambdaOrthFit`.
     """
-    tol = parse_tolerance(tolerance)
+    o = options if options is not None else LambdaOrthOptions()
+    tol = float(o.tolerance)  # type: ignore[arg-type]  # parsed by LambdaOrthOptions
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 2:
         raise ConfigError(f"map fit needs paired (N, d) features with N >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if deviation not in DEVIATIONS:
-        raise ConfigError(f"unknown orthogonality deviation measure {deviation!r}; known: {', '.join(DEVIATIONS)}")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"unknown alignment objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-    if supcon_weight > 0 and labels is None:
+    if o.supcon_weight > 0 and labels is None:
         raise ConfigError("lambda_orth supcon_weight > 0 needs the training labels")
     device = torch.device(device)
     started = time.perf_counter()
     x, y = x.to(device), y.to(device)
     x64, y64 = x.double(), y.double()  # the closed forms and the map run in float64
-    mx, my = centring_means(x64, y64, center)
-    w0, _ = procrustes(x64, y64, center=center)
+    mx, my = centring_means(x64, y64, o.center)
+    w0, _ = procrustes(x64, y64, center=o.center)
     d_in, d_out = x.shape[1], y.shape[1]
 
     history: dict[str, list[float]] = {}
     if math.isinf(tol):
-        weight, b = least_squares_affine(x64 - mx, y64 - my, bias=bias)
-        fitted = AffineMap(d_in, d_out, bias=bias, in_mean=mx.cpu(), out_mean=my.cpu())
+        weight, b = least_squares_affine(x64 - mx, y64 - my, bias=o.bias)
+        fitted = AffineMap(d_in, d_out, bias=o.bias, in_mean=mx.cpu(), out_mean=my.cpu())
         fitted.set_weight(weight)
         if fitted.bias is not None:
             with torch.no_grad():
                 fitted.bias.copy_(b)
         fitted.to(device)
-        if supcon_weight > 0:
+        if o.supcon_weight > 0:
             _logger.warning("lambda_orth: λ = ∞ is the closed-form least-squares map; supcon_weight is not used")
     else:
         fitted = AffineMap(
-            d_in, d_out, orthogonal_weight=tol == 0, orthogonal_map=orthogonal_map, bias=bias, in_mean=mx.cpu(), out_mean=my.cpu()
+            d_in, d_out, orthogonal_weight=tol == 0, orthogonal_map=o.orthogonal_map, bias=o.bias, in_mean=mx.cpu(), out_mean=my.cpu()
         )
         fitted.set_weight(w0.cpu())  # on the CPU: a non-square orthogonal W is completed with seeded CPU noise
         fitted.to(device)
-        history = _optimise(
-            fitted, x, y, labels.to(device) if labels is not None else None,
-            tolerance=tol, penalty_weight=penalty_weight, deviation=deviation, objective=objective,
-            alignment_weight=alignment_weight, supcon_weight=supcon_weight, temperature=temperature,
-            steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-        )
+        history = _optimise(fitted, x, y, labels.to(device) if labels is not None else None, o)
     fitted.eval().requires_grad_(False)
 
     with torch.no_grad():
@@ -212,14 +228,14 @@ def fit_lambda_orthogonal(
         sv = torch.linalg.svdvals(weight).cpu().numpy()
         facts: dict[str, Any] = {
             "tolerance": None if math.isinf(tol) else tol,
-            "penalty_weight": penalty_weight,
-            "deviation_measure": deviation,
-            "bias": bias,
-            "center": center,
-            "objective": objective,
-            "orthogonal_map": orthogonal_map if tol == 0 else None,
+            "penalty_weight": o.penalty_weight,
+            "deviation_measure": o.deviation,
+            "bias": o.bias,
+            "center": o.center,
+            "objective": o.objective,
+            "orthogonal_map": o.orthogonal_map if tol == 0 else None,
             "fit": "least_squares" if math.isinf(tol) else ("orthogonal" if tol == 0 else "relaxed_orthogonal"),
-            "steps": 0 if math.isinf(tol) else int(steps),
+            "steps": 0 if math.isinf(tol) else o.steps,
             "singular_values": {"min": float(sv.min()), "max": float(sv.max()), "values": [round(float(s), 6) for s in sv]},
             "gram_deviation": float(gram_deviation(weight)),
             "spectral_deviation": float(spectral_deviation(weight)),
@@ -242,83 +258,54 @@ def fit_lambda_orthogonal(
 
 
 def lambda_orth_terms(
-    fitted: AffineMap,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    tolerance: float,
-    penalty_weight: float,
-    deviation: str = "gram",
-    objective: str = "cosine",
-    alignment_weight: float = 1.0,
-    supcon_weight: float = 0.0,
-    temperature: float = 0.1,
+    fitted: AffineMap, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, options: LambdaOrthOptions
 ) -> dict[str, torch.Tensor]:
     """The weighted loss terms of the λ-orthogonal fit on one batch (summed by the caller).
 
     Args:
         fitted: the map being fitted.
         x: (B, d_in) new features; y: (B, d_out) old features; labels: (B,) (for ``supcon``).
-        tolerance / penalty_weight / deviation: the hinge ``penalty_weight · max(0, dev(W) − λ)²``
-            (omitted at λ = 0, where W is orthogonal by construction).
-        objective / alignment_weight: the alignment term.
-        supcon_weight / temperature: the supervised contrastive term (omitted at weight 0).
+        options: the hinge ``penalty_weight · max(0, dev(W) − λ)²`` (omitted at λ = 0, where W is
+            orthogonal by construction), the alignment term (``objective``, ``alignment_weight``) and the
+            supervised contrastive term (``supcon_weight``, ``temperature``; omitted at weight 0).
 
     Returns:
         ``{"align": ..., "orth": ..., "supcon": ...}`` (scalars, each already multiplied by its weight).
     """
+    o = options
+    tolerance = float(o.tolerance)  # type: ignore[arg-type]
     with parametrize.cached():
         mapped = fitted(x)
-        terms = {"align": alignment_weight * alignment_loss(mapped, y, objective)}
+        terms = {"align": o.alignment_weight * alignment_loss(mapped, y, o.objective)}
         if tolerance > 0:
-            terms["orth"] = penalty_weight * orthogonality_penalty(fitted.weight, tolerance, deviation)
-        if supcon_weight > 0:
+            terms["orth"] = o.penalty_weight * orthogonality_penalty(fitted.weight, tolerance, o.deviation)
+        if o.supcon_weight > 0:
             if labels is None:
                 raise ConfigError("lambda_orth supcon_weight > 0 needs the training labels")
-            terms["supcon"] = supcon_weight * cross_supervised_contrastive(mapped, y, labels, temperature)
+            terms["supcon"] = o.supcon_weight * cross_supervised_contrastive(mapped, y, labels, o.temperature)
     return terms
 
 
 def _optimise(
-    fitted: AffineMap,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    labels: torch.Tensor | None,
-    *,
-    tolerance: float,
-    penalty_weight: float,
-    deviation: str,
-    objective: str,
-    alignment_weight: float,
-    supcon_weight: float,
-    temperature: float,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
+    fitted: AffineMap, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, options: LambdaOrthOptions
 ) -> dict[str, list[float]]:
     """Adam on the map's parameters; returns per-step values of each weighted term."""
     history: dict[str, list[float]] = {"align": []}
-    if tolerance > 0:
+    if float(options.tolerance) > 0:  # type: ignore[arg-type]
         history["orth"] = []
-    if supcon_weight > 0:
+    if options.supcon_weight > 0:
         history["supcon"] = []
-    if steps <= 0:
+    if options.steps <= 0:
         return {}
     params = [p for p in fitted.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(params, lr=options.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.steps)
+    generator = torch.Generator().manual_seed(options.seed)
     fitted.train()
-    for index in shuffled_batches(x.shape[0], batch_size, steps, generator):
+    for index in shuffled_batches(x.shape[0], options.batch_size, options.steps, generator):
         index = index.to(x.device)
         xb, yb = x[index], y[index]
-        terms = lambda_orth_terms(
-            fitted, xb, yb, labels[index] if labels is not None else None,
-            tolerance=tolerance, penalty_weight=penalty_weight, deviation=deviation, objective=objective,
-            alignment_weight=alignment_weight, supcon_weight=supcon_weight, temperature=temperature,
-        )
+        terms = lambda_orth_terms(fitted, xb, yb, labels[index] if labels is not None else None, options)
         loss = torch.stack(list(terms.values())).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -327,7 +314,6 @@ def _optimise(
         for name, value in terms.items():
             history[name].append(float(value.detach()))
     return history
-
 
 
 # -- the method ---------------------------------------------------------------------------------
@@ -384,37 +370,19 @@ class LambdaOrth(PostHocMapMethod):
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
                          classifier_input=classifier_input)
-        for key, value, known in (
-            ("deviation", deviation, DEVIATIONS),
-            ("objective", objective, OBJECTIVES),
-            ("orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS),
-        ):
-            if value not in known:
-                raise ConfigError(f"unknown lambda_orth {key} {value!r}; known: {', '.join(known)}")
-        self.tolerance = parse_tolerance(tolerance)
-        self.fit_options: dict[str, Any] = dict(
-            tolerance=self.tolerance,
-            penalty_weight=float(penalty_weight),
-            deviation=deviation,
-            bias=bool(bias),
-            center=bool(center),
-            objective=objective,
-            alignment_weight=float(alignment_weight),
-            supcon_weight=float(supcon_weight),
-            temperature=float(temperature),
-            orthogonal_map=orthogonal_map,
-            steps=int(fit_steps),
-            batch_size=int(fit_batch_size),
-            lr=float(fit_lr),
-            seed=int(seed),
+        self.options = LambdaOrthOptions(
+            tolerance=tolerance, penalty_weight=penalty_weight, deviation=deviation, bias=bias, center=center,
+            objective=objective, alignment_weight=alignment_weight, supcon_weight=supcon_weight, temperature=temperature,
+            orthogonal_map=orthogonal_map, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, seed=seed,
         )
+        self.tolerance = float(self.options.tolerance)  # type: ignore[arg-type]
         self.fit_result: LambdaOrthFit | None = None
 
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit the map on the cached training features; returns the facts for the manifest."""
         x_new, x_old = self.train_features(ctx)
-        labels = ctx.labels() if self.fit_options["supcon_weight"] > 0 else None
-        self.fit_result = fit_lambda_orthogonal(x_new, x_old, labels, device=ctx.device, **self.fit_options)
+        labels = ctx.labels() if self.options.supcon_weight > 0 else None
+        self.fit_result = fit_lambda_orthogonal(x_new, x_old, labels, self.options, device=ctx.device)
         return {"lambda_orth": {**self.fit_result.facts, **self.source_facts()}}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:

@@ -17,7 +17,13 @@ from sklearn.linear_model import LinearRegression
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.lambda_orth import LambdaOrth, cross_supervised_contrastive, fit_lambda_orthogonal, lambda_orth_terms
+from compatembed.methods.lambda_orth import (
+    LambdaOrth,
+    LambdaOrthOptions,
+    cross_supervised_contrastive,
+    fit_lambda_orthogonal,
+    lambda_orth_terms,
+)
 from compatembed.methods.maps import (
     DEVIATIONS,
     AffineMap,
@@ -89,15 +95,15 @@ def test_hinge_is_flat_zero_inside_the_tolerance_and_positive_outside(measure):
 def test_negative_tolerance_and_unknown_options_are_config_errors():
     x, y = paired_features()
     with pytest.raises(ConfigError, match="tolerance"):
-        fit_lambda_orthogonal(x, y, tolerance=-0.5)
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=-0.5))
     with pytest.raises(ConfigError, match="deviation"):
-        fit_lambda_orthogonal(x, y, deviation="frobenius")
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(deviation="frobenius"))
     with pytest.raises(ConfigError, match="objective"):
-        fit_lambda_orthogonal(x, y, objective="l1")
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(objective="l1"))
     with pytest.raises(ConfigError, match="orthogonal_map"):
         AffineMap(4, 4, orthogonal_weight=True, orthogonal_map="qr")
     with pytest.raises(ConfigError, match="labels"):
-        fit_lambda_orthogonal(x, y, supcon_weight=1.0)
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(supcon_weight=1.0))
 
 
 # -- the two closed-form ends ----------------------------------------------------------------------
@@ -125,7 +131,7 @@ def test_infinite_lambda_is_the_least_squares_map_of_sklearn(bias):
     w, b = least_squares_affine(x, y, bias=bias)
     np.testing.assert_allclose(w.numpy(), oracle.coef_, atol=1e-8)
     np.testing.assert_allclose(b.numpy(), oracle.intercept_ if bias else 0.0, atol=1e-8)
-    fit = fit_lambda_orthogonal(x, y, tolerance=None, bias=bias)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=None, bias=bias))
     weight, bias_out = fit.map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-6)
     np.testing.assert_allclose(bias_out, oracle.intercept_ if bias else 0.0, atol=1e-6)
@@ -139,7 +145,7 @@ def test_large_lambda_fit_converges_to_the_closed_form_least_squares_map(bias):
     x, y = paired_features()
     oracle = LinearRegression(fit_intercept=bias).fit(x.double().numpy(), y.double().numpy())
     assert float(gram_deviation(torch.from_numpy(oracle.coef_))) > 1.0  # far from orthogonal: a real test
-    fit = fit_lambda_orthogonal(x, y, tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2))
     weight, bias_out = fit.map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-4)
     np.testing.assert_allclose(bias_out, oracle.intercept_ if bias else 0.0, atol=1e-4)
@@ -148,7 +154,7 @@ def test_large_lambda_fit_converges_to_the_closed_form_least_squares_map(bias):
 def test_centering_without_bias_is_least_squares_with_an_intercept():
     x, y = paired_features()
     oracle = LinearRegression(fit_intercept=True).fit(x.double().numpy(), y.double().numpy())
-    weight, bias = fit_lambda_orthogonal(x, y, tolerance=None, center=True).map.exported()
+    weight, bias = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=None, center=True)).map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-6)
     np.testing.assert_allclose(bias, oracle.intercept_, atol=1e-6)
 
@@ -158,7 +164,7 @@ def test_centering_without_bias_is_least_squares_with_an_intercept():
 @pytest.mark.parametrize("d_new, d_old", [(6, 6), (7, 4), (4, 7)])
 def test_zero_lambda_keeps_w_orthogonal_through_optimiser_steps(orthogonal_map, d_new, d_old):
     x, y = paired_features(d_new=d_new, d_old=d_old)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2))
     start, _ = procrustes(x, y)
     w = fit.map.weight.detach()
     assert float(gram_deviation(w)) < 1e-5
@@ -171,7 +177,7 @@ def test_zero_lambda_keeps_w_orthogonal_through_optimiser_steps(orthogonal_map, 
 
 def test_zero_lambda_without_steps_is_exactly_procrustes():
     x, y = paired_features(d_new=6, d_old=4)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0, steps=0)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0, steps=0))
     np.testing.assert_allclose(fit.map.exported()[0], procrustes(x, y)[0].numpy(), atol=1e-6)
 
 
@@ -181,7 +187,7 @@ def test_intermediate_lambda_stays_within_tolerance_and_uses_it(measure, toleran
     x, y = paired_features()
     free, _ = least_squares_affine(x, y, bias=False)
     assert float(orthogonality_deviation(free, measure)) > tolerance  # the constraint is active
-    fit = fit_lambda_orthogonal(x, y, tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2))
     w = fit.map.weight.detach()
     assert float(orthogonality_deviation(w, measure)) <= tolerance + 0.02
     assert float(orthogonality_deviation(w, measure)) >= 0.5 * tolerance  # the tolerance is spent, not ignored
@@ -193,12 +199,12 @@ def test_intermediate_lambda_stays_within_tolerance_and_uses_it(measure, toleran
 
 def test_bias_off_means_exactly_zero_bias_and_on_means_a_learned_one():
     x, y = paired_features(offset=0.6)
-    off = fit_lambda_orthogonal(x, y, tolerance=1.0, steps=50, batch_size=64, lr=1e-2)
+    off = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, steps=50, batch_size=64, lr=1e-2))
     assert off.map.bias is None
     assert np.all(off.map.exported()[1] == 0.0)
-    on = fit_lambda_orthogonal(x, y, tolerance=1.0, bias=True, steps=50, batch_size=64, lr=1e-2)
+    on = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, bias=True, steps=50, batch_size=64, lr=1e-2))
     assert np.abs(on.map.exported()[1]).max() > 1e-3
-    centred = fit_lambda_orthogonal(x, y, tolerance=1.0, center=True, steps=50, batch_size=64, lr=1e-2)
+    centred = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, center=True, steps=50, batch_size=64, lr=1e-2))
     w, b = centred.map.exported()
     mean_new, mean_old = x.double().mean(0).numpy(), y.double().mean(0).numpy()
     np.testing.assert_allclose(b, mean_old - w.astype(np.float64) @ mean_new, atol=1e-6)
@@ -208,7 +214,7 @@ def test_exported_arrays_applied_in_numpy_reproduce_the_torch_map():
     from compatembed_index.registry import Edge
 
     x, y = paired_features(d_new=6, d_old=4, offset=0.5)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2))
     weight, bias = fit.map.exported()
     expected = F.normalize(fit.map(x), dim=1).numpy()
     by_hand = x.numpy() @ weight.T + bias
@@ -239,8 +245,8 @@ def test_each_weight_scales_its_own_term(key, term):
     fitted = AffineMap(6, 5)
     fitted.set_weight(1.5 * torch.eye(5, 6, dtype=torch.float64))  # off-orthogonal: the hinge is active
     base = dict(tolerance=0.1, penalty_weight=1.0, alignment_weight=1.0, supcon_weight=1.0, temperature=0.2)
-    one = lambda_orth_terms(fitted, x, y, labels, **base)
-    two = lambda_orth_terms(fitted, x, y, labels, **{**base, key: 2.0})
+    one = lambda_orth_terms(fitted, x, y, labels, LambdaOrthOptions(**base))
+    two = lambda_orth_terms(fitted, x, y, labels, LambdaOrthOptions(**{**base, key: 2.0}))
     one, two = ({k: float(v.detach()) for k, v in terms.items()} for terms in (one, two))
     assert one[term] > 0
     assert two[term] == pytest.approx(2 * one[term], rel=1e-9)
