@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from compatembed.methods import list_methods
 from tools._runner import REPO, machine, write_json
 
 METHODS = ("independent", "bct", "oca", "bt2")
+"""The methods timed by default (``--methods`` takes any registered one)."""
 
 
 def _plain_loop(model: Any, batches: list[tuple[Any, Any]], *, steps: int, lr: float, channels_last: bool,
@@ -67,7 +69,8 @@ def _plain_loop(model: Any, batches: list[tuple[Any, Any]], *, steps: int, lr: f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list_methods(),
+                        help=f"methods to time (default: {' '.join(METHODS)})")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the plain loops and all methods")
     parser.add_argument("--extract-images", type=int, default=5000, help="test-split images per extraction measurement")
