@@ -132,9 +132,9 @@ def test_cuda_training_step_with_bf16_writes_a_version_that_reloads_on_the_gpu(m
         pytest.skip("needs a CUDA device (this host has none)")
     versions = request.getfixturevalue("versions")
     extra = ["model.embed_dim=48", f"method.old_version={versions['new']}"] if method == "oca" else []
-    out = train(compose("train", TINY + [f"method={method}", "trainer=gpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=4",
-                                         "trainer.checkpoint=false", f"version_id=gpu_{method}", f"output_dir={tmp_path / method}",
-                                         *extra]))
+    out = train(compose("train", TINY + [f"method={method}", "trainer=gpu", "trainer.epochs=1",
+                                         "trainer.max_steps_per_epoch=4", "trainer.checkpoint=false",
+                                         f"version_id=gpu_{method}", f"output_dir={tmp_path / method}", *extra]))
     loaded = load_model_version(out, map_location="cuda")
     with torch.no_grad():
         emb = loaded.model.embed(torch.randn(4, 3, 32, 32, device="cuda"))

@@ -100,8 +100,8 @@ def test_tools_take_method_names_from_the_registry(capsys):
     assert set(run_cifar10_methods.DEFAULT_ROWS) <= set(run_cifar10_methods.entries())
     assert [m for m in compatible if run_cifar10_methods.post_hoc(m)] == ["fct", "lambda_orth"]
     assert not run_cifar10_methods.post_hoc("independent_new")  # a baseline's experiment names no method
-    for main, argv in ((run_cifar10_chain.main, ["--method", "nope"]), (bench_throughput.main, ["--methods", "nope"])):
+    for tool_main, argv in ((run_cifar10_chain.main, ["--method", "nope"]), (bench_throughput.main, ["--methods", "nope"])):
         with pytest.raises(SystemExit):
-            main(argv)
+            tool_main(argv)
         err = capsys.readouterr().err
         assert all(m in err for m in compatible), err

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract-images", type=int, default=5000, help="test-split images per extraction measurement")
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--new", type=Path, default=None,
-                        help="independent new model version (BT²'s reference); default runs/cifar10_independent_new_normalized_s1")
+                        help="independent new model version (BT²'s reference); "
+                             "default runs/cifar10_independent_new_normalized_s1")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "throughput.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
@@ -99,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from compatembed.data.loaders import training_loader
     from compatembed.embeddings import embed_dataset
     from compatembed.hardware import set_torch_threads
-    from compatembed.training.run import prepare_method, seed_everything
     from compatembed.training import NullLogger, TrainerConfig, fit
+    from compatembed.training.run import prepare_method, seed_everything
 
     prepared: dict[str, tuple[Any, Any, Any]] = {}
     for name in args.methods:
@@ -222,7 +223,8 @@ def render(payload: dict[str, Any]) -> str:
     lines += [
         "",
         f"Extraction ({ex['array']['images']} test images, eval transform, no gradients): decoded-array path "
-        f"{ex['array']['images_per_s']:.0f} img/s, per-image path (PIL decode + transform) {ex['stream']['images_per_s']:.0f} img/s.",
+        f"{ex['array']['images_per_s']:.0f} img/s, per-image path (PIL decode + transform) "
+        f"{ex['stream']['images_per_s']:.0f} img/s.",
         "",
         f"Machine: {m['cpu_count']} CPUs, torch {m['torch']} ({payload['torch_threads']} threads), device "
         f"{payload['device']}, CUDA device: {m['cuda'] or 'none'}. Targets: ≥ 0.95× the plain loop; each method's step "

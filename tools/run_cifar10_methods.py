@@ -252,7 +252,8 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows,
     payload = {
         "scenario": args.scenario,
         "protocol": (
-            "shared CIFAR-10 (JPEG copy); old: " + ("the third-party ResNet-20 (all 10 classes, 64-d)" if args.scenario == "external" else "classes 0-4")
+            "shared CIFAR-10 (JPEG copy); old: "
+            + ("the third-party ResNet-20 (all 10 classes, 64-d)" if args.scenario == "external" else "classes 0-4")
             + "; new: classes 0-9; query set = gallery set = the 10-class test split, leave-one-out; new/old follows the "
             "manifest's compatibility route (prefix, affine map, or forward-upgraded gallery)"
         ),

@@ -4,6 +4,7 @@ The evaluate CLI, validation during training and the reports all import from her
 project prints comes from one implementation. Pure numpy + FAISS: importing this package needs no torch.
 """
 
+from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
 from compatembed.eval.compatibility import (
     average_compatibility,
     average_multimodel_accuracy,
@@ -12,11 +13,10 @@ from compatembed.eval.compatibility import (
     empirical_compatibility,
     update_gain,
 )
-from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
-from compatembed.eval.tables import matrix_markdown, pair_table_markdown
 from compatembed.eval.matrix import CompatibilityMatrix, GateResult, compute_matrix, gate, summarise_matrix
 from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
-from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
+from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
+from compatembed.eval.tables import matrix_markdown, pair_table_markdown
 
 __all__ = [
     "RetrievalEvaluator",

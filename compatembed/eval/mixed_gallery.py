@@ -169,7 +169,9 @@ class MixedGallery:
         Args:
             assignment: version id → (N_v,) item ids; together they must cover every item exactly once.
         """
-        given = np.concatenate([np.asarray(v, dtype=np.int64) for v in assignment.values()]) if assignment else np.zeros(0, np.int64)
+        given = np.zeros(0, np.int64)
+        if assignment:
+            given = np.concatenate([np.asarray(v, dtype=np.int64) for v in assignment.values()])
         if len(given) != len(self.ids) or not np.array_equal(np.sort(given), self.ids):
             raise EvalError("the assignment must place every gallery item in exactly one version")
         with service_errors():

@@ -39,7 +39,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The report: the versions, the three pairs' metrics and routes, the criterion on top-1 and mAP.
     """
-    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers), progress=bool(cfg.progress))
+    kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
+                  progress=bool(cfg.progress))
     new = load_or_extract(cfg.query, cfg.data, str(cfg.split), **kwargs)
     old = load_or_extract(cfg.gallery, cfg.data, str(cfg.split), **kwargs)
     if leave_one_out := bool(cfg.leave_one_out):
@@ -50,7 +51,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     for q_name, g_name, q, g in (("old", "old", old, old), ("new", "new", new, new), ("new", "old", new, old)):
         _logger.info("evaluating %s/%s", q_name, g_name)
-        rows.append({"query": q_name, "gallery": g_name, **evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route), backend=str(cfg.backend))})
+        result = evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route), backend=str(cfg.backend))
+        rows.append({"query": q_name, "gallery": g_name, **result})
     cross, old_self = rows[2], rows[0]
     verdict = {
         metric: empirical_compatibility(cross[metric], old_self[metric]) for metric in ("top1", "mAP")

@@ -201,7 +201,9 @@ def _independent_self(cfg: DictConfig, names: list[str], matrix: CompatibilityMa
     if not indep:
         return None, []
     if len(indep) != len(names) - 1:
-        raise ConfigError(f"independent needs one entry (a version dir or null) per upgrade step: {len(names) - 1}, got {len(indep)}")
+        raise ConfigError(
+            f"independent needs one entry (a version dir or null) per upgrade step: {len(names) - 1}, got {len(indep)}"
+        )
     values: dict[str, list[float | None]] = {m: [None] * len(names) for m in metrics}
     described = []
     for step, directory in enumerate(indep, start=1):
@@ -220,7 +222,9 @@ def build_report(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate the versions of ``cfg.versions`` and write the report files to ``cfg.out``; returns the report."""
     dirs = [str(d) for d in (cfg.versions or [])]
     if not dirs:
-        raise ConfigError("versions is empty: give the model version directories, oldest first, e.g. 'versions=[runs/v1,runs/v2]'")
+        raise ConfigError(
+            "versions is empty: give the model version directories, oldest first, e.g. 'versions=[runs/v1,runs/v2]'"
+        )
     metrics = [str(m) for m in cfg.metrics]
     kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
                   progress=bool(cfg.progress))
@@ -283,7 +287,8 @@ def build_report(cfg: DictConfig) -> dict[str, Any]:
                         f"{report['backfill']['new']}/{report['backfill']['new']}":
                         matrix.values[m][matrix.index(report["backfill"]["new"]), matrix.index(report["backfill"]["new"])]}
                     for m in metrics}
-            plot_backfill(report["backfill"], out / "backfill.png", metrics=[str(m) for m in cfg.backfill.metrics], references=refs)
+            plot_backfill(report["backfill"], out / "backfill.png", metrics=[str(m) for m in cfg.backfill.metrics],
+                          references=refs)
             report["plots"]["backfill"] = "backfill.png"
     report["files"] = {"this report": "report.md", "everything as JSON": "report.json", **write_csvs(report, out),
                        **{f"plot: {k}": v for k, v in report["plots"].items()}}

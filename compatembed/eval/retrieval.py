@@ -510,7 +510,8 @@ def _self_index(n_q: int, n_g: int, query_ids: np.ndarray | None, gallery_ids: n
     if not found.any():
         raise EvalError("leave_one_out=True but no query id occurs in gallery_ids; the query set is not the gallery set")
     if not found.all():
-        _logger.info("leave-one-out: %d of %d query ids are not in the gallery; nothing is left out for them", int((~found).sum()), n_q)
+        _logger.info("leave-one-out: %d of %d query ids are not in the gallery; nothing is left out for them",
+                     int((~found).sum()), n_q)
     return np.where(found, sorter[at], -1).astype(np.int64)
 
 
@@ -521,6 +522,7 @@ def _truncate_normalise(x: np.ndarray, d: int, name: str) -> np.ndarray:
     zero = norms == 0
     if zero.any():
         raise EvalError(
-            f"{name} row {int(np.flatnonzero(zero)[0])} is a zero vector after truncation to {d} dims; cosine similarity is undefined"
+            f"{name} row {int(np.flatnonzero(zero)[0])} is a zero vector after truncation to {d} dims; "
+            "cosine similarity is undefined"
         )
     return np.ascontiguousarray((x / norms[:, None]).astype(np.float32))

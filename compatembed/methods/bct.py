@@ -191,7 +191,8 @@ class BCT(Method):
             assert head is not None
             if head.out_features > self.num_classes:
                 raise ConfigError(
-                    f"old classifier has {head.out_features} classes but the label space has {self.num_classes} (data.num_classes)"
+                    f"old classifier has {head.out_features} classes but the label space has {self.num_classes} "
+                    "(data.num_classes)"
                 )
             listed = old.manifest.get("training", {}).get("classes")
             seen = list(range(head.out_features)) if not listed else [int(c) for c in listed]

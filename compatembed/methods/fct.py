@@ -245,7 +245,9 @@ def fit_forward_map(
     """
     o = options if options is not None else ForwardMapOptions()
     if source.ndim != 2 or target.ndim != 2 or source.shape[0] != target.shape[0] or source.shape[0] < 2:
-        raise ConfigError(f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}")
+        raise ConfigError(
+            f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}"
+        )
     device = torch.device(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -341,7 +343,8 @@ class FCT(PostHocMapMethod):
         self.side: LoadedVersion | None = None
         self.options = ForwardMapOptions(
             hidden_dims=hidden_dims, activation=activation, batch_norm=batch_norm, batchnorm_mode=batchnorm_mode, loss=loss,
-            loss_weight=loss_weight, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, weight_decay=fit_weight_decay, seed=seed,
+            loss_weight=loss_weight, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, weight_decay=fit_weight_decay,
+            seed=seed,
         )
         self.fit_result: ForwardFit | None = None
 
@@ -364,7 +367,8 @@ class FCT(PostHocMapMethod):
         self.fit_result = fit_forward_map(source, target, self.options, device=ctx.device)
         facts = {**self.fit_result.facts, **self.source_facts()}
         if self.side is not None:
-            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version), "dim": self.side.embed_dim}
+            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version),
+                                  "dim": self.side.embed_dim}
         return {"fct": facts}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:

@@ -10,7 +10,6 @@ from compatembed.errors import ConfigError
 from compatembed.methods.base import Method
 from compatembed.models.heads import Classifier
 
-
 CLASSIFIER_INPUTS: tuple[str, ...] = ("raw", "normalized")
 """What a new model's own classifier reads: the raw projection, or the L2-normalised feature (the OCA/BT² code)."""
 

@@ -157,7 +157,8 @@ class LambdaOrthOptions:
             if getattr(self, key) not in known:
                 raise ConfigError(f"unknown lambda_orth {key} {getattr(self, key)!r}; known: {', '.join(known)}")
         typed = {"tolerance": parse_tolerance(self.tolerance), "bias": bool(self.bias), "center": bool(self.center),
-                 **{k: float(getattr(self, k)) for k in ("penalty_weight", "alignment_weight", "supcon_weight", "temperature", "lr")},
+                 **{k: float(getattr(self, k))
+                    for k in ("penalty_weight", "alignment_weight", "supcon_weight", "temperature", "lr")},
                  **{k: int(getattr(self, k)) for k in ("steps", "batch_size", "seed")}}
         for key, value in typed.items():
             object.__setattr__(self, key, value)
@@ -216,7 +217,8 @@ def fit_lambda_orthogonal(
             _logger.warning("lambda_orth: λ = ∞ is the closed-form least-squares map; supcon_weight is not used")
     else:
         fitted = AffineMap(
-            d_in, d_out, orthogonal_weight=tol == 0, orthogonal_map=o.orthogonal_map, bias=o.bias, in_mean=mx.cpu(), out_mean=my.cpu()
+            d_in, d_out, orthogonal_weight=tol == 0, orthogonal_map=o.orthogonal_map, bias=o.bias, in_mean=mx.cpu(),
+            out_mean=my.cpu(),
         )
         fitted.set_weight(w0.cpu())  # on the CPU: a non-square orthogonal W is completed with seeded CPU noise
         fitted.to(device)
@@ -399,4 +401,5 @@ class LambdaOrth(PostHocMapMethod):
             "singular_values_min": facts["singular_values"]["min"],
             "singular_values_max": facts["singular_values"]["max"],
         }
-        return [CompatibilityEdge("affine", self.old.version_id, arrays={"weight": weight, "bias": bias}, normalize_output=True, info=info)]
+        arrays = {"weight": weight, "bias": bias}
+        return [CompatibilityEdge("affine", self.old.version_id, arrays=arrays, normalize_output=True, info=info)]

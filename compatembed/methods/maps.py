@@ -173,7 +173,9 @@ class AffineMap(nn.Module):
             orthogonal(self.linear, orthogonal_map=orthogonal_map)
         self.bias = nn.Parameter(torch.zeros(out_dim, dtype=torch.float64)) if bias else None
         self.register_buffer("in_mean", torch.zeros(in_dim, dtype=torch.float64) if in_mean is None else in_mean.double().clone())
-        self.register_buffer("out_mean", torch.zeros(out_dim, dtype=torch.float64) if out_mean is None else out_mean.double().clone())
+        self.register_buffer(
+            "out_mean", torch.zeros(out_dim, dtype=torch.float64) if out_mean is None else out_mean.double().clone()
+        )
 
     @property
     def weight(self) -> torch.Tensor:

@@ -55,7 +55,8 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
         The method after ``setup``, the training set (augmented view) and the method context.
     """
     model = instantiate(cfg.model)
-    train_set = build_dataset(cfg.data, "train", transform=build_transform(model.preprocessing, train=True, augment=cfg.data.augment))
+    transform = build_transform(model.preprocessing, train=True, augment=cfg.data.augment)
+    train_set = build_dataset(cfg.data, "train", transform=transform)
     if len(train_set) == 0:
         raise ConfigError("the training split is empty after class selection")
     method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))

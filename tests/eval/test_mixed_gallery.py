@@ -23,7 +23,9 @@ from compatembed.models.version import ancestor_dirs
 G, CLASSES = 48, 4
 
 
-def write_version(root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None, parent: Path | None = None) -> Path:
+def write_version(
+    root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None, parent: Path | None = None
+) -> Path:
     """A model version directory as training writes it for the service (no weights)."""
     vdir = root / vid
     (vdir / "transforms").mkdir(parents=True)

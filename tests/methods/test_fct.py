@@ -153,7 +153,8 @@ def test_unknown_options_are_config_errors():
                          ({"loss": "l1"}, "loss")):
         with pytest.raises(ConfigError, match=word):
             FCT(model, 10, old_version="x", **kwargs)
-    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"))
+    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="old_version"):
         FCT(model, 10).setup(ctx)
 
@@ -169,8 +170,8 @@ def fct_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
 
 def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions, tmp_path):
     from compatembed.embeddings import load_or_extract
-    from compatembed.eval.pair_report import evaluate
     from compatembed.eval import retrieval_metrics
+    from compatembed.eval.pair_report import evaluate
     from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "fct"))

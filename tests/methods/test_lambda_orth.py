@@ -46,7 +46,9 @@ TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def paired_features(n: int = 200, d_new: int = 6, d_old: int = 5, *, offset: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_features(
+    n: int = 200, d_new: int = 6, d_old: int = 5, *, offset: float = 0.3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised (n, d_new) "new" and (n, d_old) "old" features related by a noisy affine map."""
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(n, d_new, generator=g), dim=1)
@@ -145,7 +147,8 @@ def test_large_lambda_fit_converges_to_the_closed_form_least_squares_map(bias):
     x, y = paired_features()
     oracle = LinearRegression(fit_intercept=bias).fit(x.double().numpy(), y.double().numpy())
     assert float(gram_deviation(torch.from_numpy(oracle.coef_))) > 1.0  # far from orthogonal: a real test
-    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2))
+    options = LambdaOrthOptions(tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     weight, bias_out = fit.map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-4)
     np.testing.assert_allclose(bias_out, oracle.intercept_ if bias else 0.0, atol=1e-4)
@@ -164,7 +167,8 @@ def test_centering_without_bias_is_least_squares_with_an_intercept():
 @pytest.mark.parametrize("d_new, d_old", [(6, 6), (7, 4), (4, 7)])
 def test_zero_lambda_keeps_w_orthogonal_through_optimiser_steps(orthogonal_map, d_new, d_old):
     x, y = paired_features(d_new=d_new, d_old=d_old)
-    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2))
+    options = LambdaOrthOptions(tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     start, _ = procrustes(x, y)
     w = fit.map.weight.detach()
     assert float(gram_deviation(w)) < 1e-5
@@ -187,7 +191,8 @@ def test_intermediate_lambda_stays_within_tolerance_and_uses_it(measure, toleran
     x, y = paired_features()
     free, _ = least_squares_affine(x, y, bias=False)
     assert float(orthogonality_deviation(free, measure)) > tolerance  # the constraint is active
-    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2))
+    options = LambdaOrthOptions(tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     w = fit.map.weight.detach()
     assert float(orthogonality_deviation(w, measure)) <= tolerance + 0.02
     assert float(orthogonality_deviation(w, measure)) >= 0.5 * tolerance  # the tolerance is spent, not ignored
@@ -214,7 +219,8 @@ def test_exported_arrays_applied_in_numpy_reproduce_the_torch_map():
     from compatembed_index.registry import Edge
 
     x, y = paired_features(d_new=6, d_old=4, offset=0.5)
-    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2))
+    options = LambdaOrthOptions(tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     weight, bias = fit.map.exported()
     expected = F.normalize(fit.map(x), dim=1).numpy()
     by_hand = x.numpy() @ weight.T + bias
@@ -276,8 +282,8 @@ def lambda_orth_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictCo
 
 def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
     from compatembed.embeddings import load_or_extract
-    from compatembed.eval.pair_report import evaluate
     from compatembed.eval import retrieval_metrics
+    from compatembed.eval.pair_report import evaluate
     from compatembed.training.run import train
 
     out = train(lambda_orth_cfg(versions, tmp_path / "lo", "method.tolerance=0.5"))
@@ -335,7 +341,8 @@ def test_adopting_needs_zero_epochs_and_the_same_architecture(versions, tmp_path
 def test_missing_old_version_is_a_config_error(tmp_path):
     model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=8)
     method = LambdaOrth(model, 10)
-    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"))
+    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="old_version"):
         method.setup(ctx)
     with pytest.raises(ConfigError, match="deviation"):
@@ -353,13 +360,15 @@ def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch
         main(["--help"])
     assert exc.value.code == 0 and "--lambdas" in capsys.readouterr().out
     out = tmp_path / "maps"
-    assert main(["--old", str(versions["old"]), "--new", str(versions["new"]), "--data", "synthetic", "--lambdas", "0", "1", "inf",
+    assert main(["--old", str(versions["old"]), "--new", str(versions["new"]), "--data", "synthetic",
+                 "--lambdas", "0", "1", "inf",
                  "--steps", "20", "--batch-size", "64", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     payload = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["map"], r["pair"]): r for r in payload["rows"]}
     assert len(rows) == len(payload["rows"]) == 3 + 2 * (2 + 3 + 1)  # baselines + per bias: 2 ends, 3 λ, forward
     data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
-    new, old = load_or_extract(versions["new"], data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
+    new = load_or_extract(versions["new"], data, "test", device="cpu")
+    old = load_or_extract(versions["old"], data, "test", device="cpu")
     raw = retrieval_metrics(new.embeddings, new.labels, old.embeddings, old.labels, query_ids=new.ids, gallery_ids=old.ids,
                             leave_one_out=True)
     assert rows["none (raw)", "new/old"]["top1"] == pytest.approx(raw["top1"])

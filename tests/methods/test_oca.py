@@ -126,13 +126,14 @@ def test_config_errors(old_version: Path, new_model, synthetic_context) -> None:
 def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     old_version: Path, tmp_path: Path, train_version, compose
 ) -> None:
-    from compatembed.eval import retrieval_metrics
     from compatembed.embeddings import load_or_extract
+    from compatembed.eval import retrieval_metrics
     from compatembed.eval.pair_report import evaluate
     from compatembed.eval.pairs import evaluate_pair
 
     out = train_version(
-        tmp_path / "oca", ["method=oca", f"method.old_version={old_version}", f"method.extra_dims={K}", f"model.embed_dim={D_OLD + K}"]
+        tmp_path / "oca",
+        ["method=oca", f"method.old_version={old_version}", f"method.extra_dims={K}", f"model.embed_dim={D_OLD + K}"],
     )
     manifest = load_manifest(out)
     assert manifest["embedding"] == {"dim": D_OLD + K, "normalized": True, "dtype": "float32"}
