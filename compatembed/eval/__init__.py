@@ -1,7 +1,9 @@
 """Retrieval and compatibility metrics, and the tables that report them.
 
-The evaluate CLI, validation during training and the reports all import from here, so every number the
+The eval CLI, the validation after training and the reports all compute from here, so every number the
 project prints comes from one implementation. Pure numpy + FAISS: importing this package needs no torch.
+Two modules are not imported with it because they extract embeddings (torch): :mod:`.pair_report` (the
+``compatembed-eval`` report) and :mod:`.report` (``build_report``, the ``compatembed-report`` report).
 """
 
 from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
