@@ -27,14 +27,22 @@ from typing import Any
 
 import numpy as np
 
+from compatembed_index.api import IndexService
+
 from compatembed.cli import compose_config, run_cli
+from compatembed.data import build_dataset
+from compatembed.embeddings import load_or_extract
+from compatembed.eval.plots import plot_neighbours
+from compatembed.eval.report import build_report
+from compatembed.training.run import train
 
 _logger = logging.getLogger(__name__)
 
 
 def _train_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], list[str], list[str]]:
     """(common, old, new) training overrides for the real or the synthetic story."""
-    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={'null' if args.per_class is None else args.per_class}",
+    per_class = "null" if args.per_class is None else args.per_class
+    common = [f"trainer.epochs={args.epochs}", f"trainer.device={args.device}", f"data.train_per_class={per_class}",
               f"trainer.progress={str(not args.no_progress).lower()}"]
     if args.data_root:
         common.append(f"paths.data_root={args.data_root}")
@@ -52,7 +60,9 @@ def _train_overrides(args: argparse.Namespace, out: Path) -> tuple[list[str], li
     return common, old, new
 
 
-def _top1(service: Any, version: str, queries: np.ndarray, query_ids: np.ndarray, query_labels: np.ndarray) -> tuple[float, dict[str, int]]:
+def _top1(
+    service: Any, version: str, queries: np.ndarray, query_ids: np.ndarray, query_labels: np.ndarray
+) -> tuple[float, dict[str, int]]:
     """Top-1 accuracy of a search through the service (own item skipped) and which versions answered."""
     res = service.search("photos", version, queries, k=2)
     hits, answered = 0, {}
@@ -82,9 +92,6 @@ def _picture_queries(labels: np.ndarray, count: int) -> np.ndarray:
 def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[dict[str, Any]]]], query_ids: np.ndarray,
                       query_labels: np.ndarray) -> Path:
     """The picture of what compatibility means: each query's top-5 under every search, right ones in green."""
-    from compatembed.data import build_dataset
-    from compatembed.eval.plots import plot_neighbours
-
     images = build_dataset(data_cfg, "test")  # no transform: PIL images, the decoded array when cached
     position = {int(i): p for p, i in enumerate(images.ids)}
     names = images.classes
@@ -103,12 +110,6 @@ def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[di
 
 def run(args: argparse.Namespace) -> Path:
     """Run the story; returns the path of ``report.md``."""
-    from compatembed_index.api import IndexService
-
-    from compatembed.evaluate import load_or_extract
-    from compatembed.report import build_report
-    from compatembed.train import train
-
     out = Path(args.out)
     started = time.perf_counter()
     progress = not args.no_progress
@@ -145,7 +146,8 @@ def run(args: argparse.Namespace) -> Path:
         new = load_or_extract(new_dir, data_cfg, "test", **extract)
         service.register_version(new_dir)
         route = service.route("demo_new", "demo_old")
-        print(f"      registered demo_new ({new.embeddings.shape[1]}-d); route to the old gallery: {' > '.join(route) if route else 'none'}")
+        print(f"      registered demo_new ({new.embeddings.shape[1]}-d); "
+              f"route to the old gallery: {' > '.join(route) if route else 'none'}")
 
         print("[3/5] querying the deployed (all old) gallery with the NEW model, no backfill")
         order = np.argsort(new.ids)[np.searchsorted(np.sort(new.ids), old.ids)]  # new rows in the old rows' item order
@@ -194,15 +196,18 @@ def run(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point (``compatembed-demo``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="where the model versions, the index and the report go (default: runs/demo)")
-    parser.add_argument("--data-root", default=None, help="folder holding cifar10-jpeg/{train,test}.tar (default: ../shared/data or $COMPATEMBED_DATA_ROOT)")
+    parser.add_argument("--out", default="runs/demo",
+                        help="where the model versions, the index and the report go (default: runs/demo)")
+    parser.add_argument("--data-root", default=None,
+                        help="folder holding cifar10-jpeg/{train,test}.tar (default: ../shared/data or $COMPATEMBED_DATA_ROOT)")
     parser.add_argument("--per-class", type=int, default=None, help="training images per class (default: all 5,000)")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per model (default: 4)")
     parser.add_argument("--method", choices=("oca", "bct"), default="oca", help="compatible training method (default: oca)")
     parser.add_argument("--upgrade", type=float, default=0.3, help="fraction of the gallery re-embedded in step 4 (default: 0.3)")
     parser.add_argument("--queries", type=int, default=500, help="queries sent to the service in steps 1-4 (default: 500)")
     parser.add_argument("--report-queries", type=int, default=1000,
-                        help="queries of the mixed-gallery and backfill evaluations, each ranking the whole gallery (default: 1000)")
+                        help="queries of the mixed-gallery and backfill evaluations, each ranking the whole gallery "
+                             "(default: 1000)")
     parser.add_argument("--gate-metric", default="top1", help="metric of the deployment gate (default: top1)")
     parser.add_argument("--picture-queries", type=int, default=4,
                         help="queries shown with their top-5 neighbours in the report's picture (default: 4)")

@@ -1,11 +1,14 @@
 """Embedding a dataset with a model, and the on-disk format of extracted embeddings.
 
 One function embeds for every caller (the extract CLI, evaluation, methods that cache teacher
-features), so a batch is preprocessed and normalised the same way everywhere.
+features), so a batch is preprocessed and normalised the same way everywhere. :func:`extract_split`
+embeds a configured split with a model version (its own preprocessing); :func:`load_or_extract` is
+what evaluation reads: extracted once, then cached inside the version directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,12 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from compatembed.data import Preprocessing, build_dataset, build_transform
 from compatembed.data.loaders import ArrayBatchLoader, batch_source
 from compatembed.errors import EvalError
+from compatembed.hardware import resolve_device
+from compatembed.models.version import MANIFEST, load_manifest, load_model_version
 
 _logger = logging.getLogger(__name__)
 
@@ -119,3 +126,72 @@ def embed_dataset(
         ids = ids[np.concatenate(positions)]
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)
+
+
+def extract_split(
+    version_dir: str | Path,
+    data_cfg: DictConfig,
+    split: str,
+    *,
+    device: str = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EmbeddingSet:
+    """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing)."""
+    loaded = load_model_version(version_dir)
+    torch_device = resolve_device(device)
+    preprocessing = Preprocessing.from_dict(loaded.manifest["preprocessing"])
+    dataset = build_dataset(data_cfg, split, transform=build_transform(preprocessing, train=False))
+    result = embed_dataset(
+        loaded.model.to(torch_device),
+        dataset,
+        batch_size=batch_size,
+        device=torch_device,
+        num_workers=num_workers,
+        desc=f"embed {loaded.version_id}/{split}",
+        progress=progress,
+    )
+    result.meta = {
+        "version_id": loaded.version_id,
+        "version_dir": str(Path(version_dir).resolve()),
+        "weights_sha256": loaded.manifest["files"]["model.safetensors"],
+        "dataset": str(data_cfg.name),
+        "split": split,
+        "normalized": bool(loaded.manifest["embedding"]["normalized"]),
+    }
+    return result
+
+
+def load_or_extract(
+    path: str | Path, data_cfg: DictConfig, split: str, *, device: str = "auto", batch_size: int = 256,
+    num_workers: int = 0, progress: bool = True,
+) -> EmbeddingSet:
+    """Embeddings of ``split`` from a version directory (extracted once, cached inside it) or an embeddings directory."""
+    path = Path(path)
+    if (path / "meta.json").is_file() and not (path / MANIFEST).is_file():
+        return EmbeddingSet.load(path)
+    manifest = load_manifest(path)
+    cache = path / "embeddings" / _cache_name(data_cfg, split)
+    if (cache / "meta.json").is_file():
+        cached = EmbeddingSet.load(cache)
+        if cached.meta.get("weights_sha256") == manifest["files"]["model.safetensors"]:
+            return cached
+    result = extract_split(
+        path, data_cfg, split, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress
+    )
+    result.save(cache)
+    return result
+
+
+def _cache_name(data_cfg: DictConfig, split: str) -> str:
+    """``<dataset>-<split>``, plus a tag of the item selection when one is set (classes, per-class cap, validation split)."""
+    keys = {"train": ("classes", "train_per_class"), "val": ("eval_classes",)}.get(split, ("eval_classes",))
+    selection = {k: OmegaConf.select(data_cfg, k, default=None) for k in keys}
+    validation = OmegaConf.select(data_cfg, "validation", default=None)
+    if split != "test" and validation is not None and float(validation.get("fraction") or 0) > 0:
+        selection["validation"] = OmegaConf.to_container(validation, resolve=True)
+    if all(v is None for v in selection.values()):
+        return f"{data_cfg.name}-{split}"
+    tag = hashlib.sha256(json.dumps(selection, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{data_cfg.name}-{split}-{tag}"

@@ -13,48 +13,10 @@ import hydra
 from omegaconf import DictConfig
 
 from compatembed.cli import CONF_DIR, run_cli
-from compatembed.data import Preprocessing, build_dataset, build_transform
-from compatembed.embeddings import EmbeddingSet, embed_dataset
+from compatembed.embeddings import extract_split
 from compatembed.hardware import resolve_num_workers
-from compatembed.models.version import load_model_version
-from compatembed.training import resolve_device
 
 _logger = logging.getLogger(__name__)
-
-
-def extract_split(
-    version_dir: str | Path,
-    data_cfg: DictConfig,
-    split: str,
-    *,
-    device: str = "auto",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> EmbeddingSet:
-    """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing)."""
-    loaded = load_model_version(version_dir)
-    torch_device = resolve_device(device)
-    preprocessing = Preprocessing.from_dict(loaded.manifest["preprocessing"])
-    dataset = build_dataset(data_cfg, split, transform=build_transform(preprocessing, train=False))
-    result = embed_dataset(
-        loaded.model.to(torch_device),
-        dataset,
-        batch_size=batch_size,
-        device=torch_device,
-        num_workers=num_workers,
-        desc=f"embed {loaded.version_id}/{split}",
-        progress=progress,
-    )
-    result.meta = {
-        "version_id": loaded.version_id,
-        "version_dir": str(Path(version_dir).resolve()),
-        "weights_sha256": loaded.manifest["files"]["model.safetensors"],
-        "dataset": str(data_cfg.name),
-        "split": split,
-        "normalized": bool(loaded.manifest["embedding"]["normalized"]),
-    }
-    return result
 
 
 def extract(cfg: DictConfig) -> Path:

@@ -1,4 +1,4 @@
-"""What the machine offers a run: CPUs this process may use, and the thread and worker counts derived from them."""
+"""What the machine offers a run: CPUs this process may use, the thread and worker counts derived from them, the device."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def set_torch_threads(value: Any, key: str = "trainer.num_threads") -> int:
         torch.set_num_threads(threads)
         _logger.info("torch uses %d threads", threads)
     return threads
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available else CPU; a CUDA device on a host without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
+    return device

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from compatembed.embeddings import EmbeddingSet
-from compatembed.evaluate import evaluate
+from compatembed.eval.pair_report import evaluate
 from compatembed.extract import extract
-from compatembed.train import train
+from compatembed.training.run import train
 
 TINY = ["data=synthetic", "model=cifar_resnet20", "model.embed_dim=16", "trainer.progress=false", "logger=csv"]
 
@@ -65,7 +65,7 @@ def test_extract_and_eval(versions, compose, tmp_path):
 
 
 def test_resume_continues_from_the_checkpoint(versions, compose, tmp_path):
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     base = TINY + ["version_id=r", f"output_dir={tmp_path / 'r'}"]
     train(compose("train", base + ["trainer.epochs=1"]))
@@ -85,7 +85,7 @@ def test_resume_against_a_changed_old_model_is_refused(versions, compose, tmp_pa
     import shutil
 
     from compatembed.errors import ConfigError
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     shutil.copytree(versions["old"], tmp_path / "old")
     base = TINY + ["method=bct", f"method.old_version={tmp_path / 'old'}", "version_id=n", f"output_dir={tmp_path / 'n'}",
@@ -132,9 +132,9 @@ def test_cuda_training_step_with_bf16_writes_a_version_that_reloads_on_the_gpu(m
         pytest.skip("needs a CUDA device (this host has none)")
     versions = request.getfixturevalue("versions")
     extra = ["model.embed_dim=48", f"method.old_version={versions['new']}"] if method == "oca" else []
-    out = train(compose("train", TINY + [f"method={method}", "trainer=gpu", "trainer.epochs=1", "trainer.max_steps_per_epoch=4",
-                                         "trainer.checkpoint=false", f"version_id=gpu_{method}", f"output_dir={tmp_path / method}",
-                                         *extra]))
+    out = train(compose("train", TINY + [f"method={method}", "trainer=gpu", "trainer.epochs=1",
+                                         "trainer.max_steps_per_epoch=4", "trainer.checkpoint=false",
+                                         f"version_id=gpu_{method}", f"output_dir={tmp_path / method}", *extra]))
     loaded = load_model_version(out, map_location="cuda")
     with torch.no_grad():
         emb = loaded.model.embed(torch.randn(4, 3, 32, 32, device="cuda"))

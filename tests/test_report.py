@@ -18,8 +18,8 @@ import pytest
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import ConfigError
 from compatembed.eval.matrix import compute_matrix
+from compatembed.eval.report import build_report
 from compatembed.eval.report_render import SECTIONS, log_to_wandb, render_markdown
-from compatembed.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
 N, CLASSES = 60, 4

@@ -89,3 +89,19 @@ def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
     assert "| 10.0 | 35.0 |" in render(payload)
     with pytest.raises(SystemExit, match="no sweep config"):
         collect("nope", tmp_path)
+
+
+def test_tools_take_method_names_from_the_registry(capsys):
+    from compatembed.methods import list_methods
+    from tools import bench_throughput, run_cifar10_chain, run_cifar10_methods
+
+    compatible = [m for m in list_methods() if m != "independent"]
+    assert set(compatible) <= set(run_cifar10_methods.entries())
+    assert set(run_cifar10_methods.DEFAULT_ROWS) <= set(run_cifar10_methods.entries())
+    assert [m for m in compatible if run_cifar10_methods.post_hoc(m)] == ["fct", "lambda_orth"]
+    assert not run_cifar10_methods.post_hoc("independent_new")  # a baseline's experiment names no method
+    for tool_main, argv in ((run_cifar10_chain.main, ["--method", "nope"]), (bench_throughput.main, ["--methods", "nope"])):
+        with pytest.raises(SystemExit):
+            tool_main(argv)
+        err = capsys.readouterr().err
+        assert all(m in err for m in compatible), err

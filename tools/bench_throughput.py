@@ -1,6 +1,6 @@
 """Training and extraction throughput: the project's full step, data included, against a plain loop.
 
-For each method (built exactly as ``compatembed-train`` builds it, :func:`compatembed.train.prepare_method`:
+For each method (built exactly as ``compatembed-train`` builds it, :func:`compatembed.training.run.prepare_method`:
 frozen models, cached teacher features, the pseudo classifier) this times the project's training loop
 (:func:`compatembed.training.fit`) fed by the loader training uses (:func:`compatembed.data.loaders.training_loader`:
 on CIFAR the decoded-array cache with batched augmentation), so images/s include the data path. Next to
@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from compatembed.methods import list_methods
 from tools._runner import REPO, machine, write_json
 
 METHODS = ("independent", "bct", "oca", "bt2")
+"""The methods timed by default (``--methods`` takes any registered one)."""
 
 
 def _plain_loop(model: Any, batches: list[tuple[Any, Any]], *, steps: int, lr: float, channels_last: bool,
@@ -67,13 +69,15 @@ def _plain_loop(model: Any, batches: list[tuple[Any, Any]], *, steps: int, lr: f
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list_methods(),
+                        help=f"methods to time (default: {' '.join(METHODS)})")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps per method and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the plain loops and all methods")
     parser.add_argument("--extract-images", type=int, default=5000, help="test-split images per extraction measurement")
     parser.add_argument("--runs", type=Path, default=REPO / "runs")
     parser.add_argument("--new", type=Path, default=None,
-                        help="independent new model version (BT²'s reference); default runs/cifar10_independent_new_normalized_s1")
+                        help="independent new model version (BT²'s reference); "
+                             "default runs/cifar10_independent_new_normalized_s1")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "throughput.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every method (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
@@ -96,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from compatembed.data.loaders import training_loader
     from compatembed.embeddings import embed_dataset
     from compatembed.hardware import set_torch_threads
-    from compatembed.train import prepare_method, seed_everything
     from compatembed.training import NullLogger, TrainerConfig, fit
+    from compatembed.training.run import prepare_method, seed_everything
 
     prepared: dict[str, tuple[Any, Any, Any]] = {}
     for name in args.methods:
@@ -223,7 +227,8 @@ def render(payload: dict[str, Any]) -> str:
     lines += [
         "",
         f"Extraction ({ex['array']['images']} test images, eval transform, no gradients): decoded-array path "
-        f"{ex['array']['images_per_s']:.0f} img/s, per-image path (PIL decode + transform) {ex['stream']['images_per_s']:.0f} img/s.",
+        f"{ex['array']['images_per_s']:.0f} img/s, per-image path (PIL decode + transform) "
+        f"{ex['stream']['images_per_s']:.0f} img/s.",
         "",
         f"Machine: {m['cpu_count']} CPUs, torch {m['torch']} ({payload['torch_threads']} threads), device "
         f"{payload['device']}, CUDA device: {m['cuda'] or 'none'}. Targets: ≥ 0.95× the plain loop; each method's step "

@@ -39,7 +39,8 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
         cfg = OmegaConf.load(run / "config.yaml")
         report = json.loads(report_path.read_text())
         pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
-        cross = ("new", "old") if ("new", "old") in pairs and report["query_version"] != report["gallery_version"] else ("new", "new")
+        has_old = ("new", "old") in pairs and report["query_version"] != report["gallery_version"]
+        cross = ("new", "old") if has_old else ("new", "new")
         rows.append({
             "run": run.name,
             "params": {p: OmegaConf.select(cfg, p) for p in params},
@@ -67,18 +68,21 @@ def render(payload: dict[str, Any]) -> str:
         "split minus the validation split and is evaluated on the validation split only; the test split is not used. "
         "Values in %.",
         "",
-        "| " + " | ".join(params) + " | metric | new/new top-1 / mAP | new/old top-1 / mAP | old/old top-1 / mAP | ECC top-1 / mAP | epochs |",
+        "| " + " | ".join(params)
+        + " | metric | new/new top-1 / mAP | new/old top-1 / mAP | old/old top-1 / mAP | ECC top-1 / mAP | epochs |",
         "|" + "---|" * (len(params) + 6),
     ]
     for r in payload["runs"]:
         ecc = " / ".join("yes" if r["compatible"][m] else "no" for m in ("top1", "mAP"))
         lines.append(
             "| " + " | ".join(str(r["params"][p]) for p in params) + f" | {pct(r['metric'])} | "
-            f"{pct(r['new/new']['top1'])} / {pct(r['new/new']['mAP'])} | {pct(r['new/old']['top1'])} / {pct(r['new/old']['mAP'])} | "
+            f"{pct(r['new/new']['top1'])} / {pct(r['new/new']['mAP'])} | "
+            f"{pct(r['new/old']['top1'])} / {pct(r['new/old']['mAP'])} | "
             f"{pct(r['old/old']['top1'])} / {pct(r['old/old']['mAP'])} | {ecc} | {r['epochs']} |"
         )
     v = payload["runs"][0]["validation"]
-    lines += ["", f"Validation split: {100 * float(v['fraction']):.0f}% of each class of the training split, seed {v['seed']}.", ""]
+    lines += ["", f"Validation split: {100 * float(v['fraction']):.0f}% of each class of the training split, seed {v['seed']}.",
+              ""]
     return "\n".join(lines)
 
 

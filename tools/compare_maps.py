@@ -111,23 +111,18 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
     """Fit every map and evaluate it; returns the JSON payload (also written to ``<out>.json``/``.md``)."""
     import torch
 
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
-    from compatembed.evaluate import load_or_extract
-    from compatembed.hardware import resolve_num_workers
-    from compatembed.methods.maps import (
-        fit_lambda_orthogonal,
-        gram_deviation,
-        least_squares_affine,
-        mean_cosine,
-        procrustes,
-    )
-    from compatembed.training import resolve_device
+    from compatembed.hardware import resolve_device, resolve_num_workers
+    from compatembed.methods.lambda_orth import LambdaOrthOptions, fit_lambda_orthogonal
+    from compatembed.methods.maps import gram_deviation, least_squares_affine, mean_cosine, procrustes
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     cfg = _compose_data(args.data, list(args.override))
-    kw = dict(device=str(device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers), progress=not args.no_progress)
+    kw = dict(device=str(device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
+              progress=not args.no_progress)
     sets = {(v, s): load_or_extract(getattr(args, v), cfg.data, s, **kw) for v in ("old", "new") for s in ("train", "test")}
     new_tr, old_tr, _, _ = _aligned(sets["new", "train"], sets["old", "train"], "train split")
     new_te, old_te, labels, ids = _aligned(sets["new", "test"], sets["old", "test"], "test split")
@@ -168,16 +163,18 @@ def compare_maps(args: argparse.Namespace) -> dict[str, Any]:
         tag = " + bias" if with_bias else ""
         started = time.perf_counter()
         w, b = procrustes(x_new, x_old, center=with_bias)
-        affine_row(f"procrustes (λ=0 closed form){tag}", w, b, lam=0.0, with_bias=with_bias, seconds=time.perf_counter() - started)
+        affine_row(f"procrustes (λ=0 closed form){tag}", w, b, lam=0.0, with_bias=with_bias,
+                   seconds=time.perf_counter() - started)
         started = time.perf_counter()
         w, b = least_squares_affine(x_new, x_old, bias=with_bias)
-        affine_row(f"least squares (λ=∞ closed form){tag}", w, b, lam=None, with_bias=with_bias, seconds=time.perf_counter() - started)
+        affine_row(f"least squares (λ=∞ closed form){tag}", w, b, lam=None, with_bias=with_bias,
+                   seconds=time.perf_counter() - started)
         for lam in args.lambdas:
-            fit = fit_lambda_orthogonal(
-                x_new, x_old, tolerance=lam, penalty_weight=args.penalty_weight, deviation=args.deviation, bias=with_bias,
+            options = LambdaOrthOptions(
+                tolerance=lam, penalty_weight=args.penalty_weight, deviation=args.deviation, bias=with_bias,
                 orthogonal_map=args.orthogonal_map, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                device=device,
             )
+            fit = fit_lambda_orthogonal(x_new, x_old, options=options, device=device)
             weight, bias = (torch.from_numpy(a) for a in fit.map.exported())
             label = "∞" if math.isinf(lam) else f"{lam:g}"
             affine_row(
@@ -283,21 +280,24 @@ def render_markdown(payload: dict[str, Any]) -> str:
         sv = f"{r['sv_min']:.3f}–{r['sv_max']:.3f}" if "sv_min" in r else "—"
         lines.append(
             f"| {r['map']} | {r['pair']} | {lam_s} | {bias} | " + " | ".join(_pct(r[m]) for m in METRICS)
-            + f" | {_num(r.get('gram_deviation'))} | {sv} | {_num(r.get('train_alignment'), '{:.4f}')} | {_num(r.get('fit_seconds'), '{:.1f}')} |"
+            + f" | {_num(r.get('gram_deviation'))} | {sv} | {_num(r.get('train_alignment'), '{:.4f}')} | "
+            + f"{_num(r.get('fit_seconds'), '{:.1f}')} |"
         )
     lines.append("")
     for tag, v in payload["verdict"].items():
         words = "without a bias" if tag == "no_bias" else "with a bias"
         both = v["beats_both_ends_top1"] and v["beats_both_ends_mAP"]
         lines.append(
-            f"- Best relaxed λ-orthogonal map (0 < λ < ∞) {words}: {v['best']} ({_pct(v['top1'])} top-1 / {_pct(v['mAP'])} mAP); it "
+            f"- Best relaxed λ-orthogonal map (0 < λ < ∞) {words}: {v['best']} "
+            f"({_pct(v['top1'])} top-1 / {_pct(v['mAP'])} mAP); it "
             + ("beats both closed-form ends on top-1 and mAP." if both else
                f"does not beat both closed-form ends (top-1: {'yes' if v['beats_both_ends_top1'] else 'no'}, "
                f"mAP: {'yes' if v['beats_both_ends_mAP'] else 'no'}).")
         )
     machine = payload.get("machine")
     if machine:
-        lines += ["", f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, CUDA device: {machine['cuda'] or 'none'}."]
+        lines += ["", f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+                      f"CUDA device: {machine['cuda'] or 'none'}."]
     return "\n".join(lines) + "\n"
 
 

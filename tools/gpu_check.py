@@ -24,7 +24,7 @@ def check_training_step(work: Path) -> dict[str, Any]:
 
     from compatembed.cli import compose_config
     from compatembed.models.version import load_model_version
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     cfg = compose_config("train", ["data=synthetic", "model=resnet18_cifar", "trainer=gpu", "trainer.epochs=2",
                                    "trainer.progress=false", "version_id=gpu_check", f"output_dir={work / 'gpu_check'}"])

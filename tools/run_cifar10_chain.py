@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compatembed.methods import list_methods
 from tools._runner import REPO, machine, write_json
 
 STEPS = (("v1", "0-3"), ("v2", "0-6"), ("v3", "null"))
@@ -64,15 +65,16 @@ def _report(versions: list[str], independent: list[str], out: Path, overrides: l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=("oca", "bct", "bt2", "lambda_orth"), default="oca",
-                        help="compatible method at each step (default: oca)")
+    parser.add_argument("--method", choices=[m for m in list_methods() if m != "independent"], default="oca",
+                        help="compatible method at each step (default: oca; the independent chain is always trained)")
     parser.add_argument("--extra-dims", type=int, default=32, help="OCA/BT²: dims added at each step (default: 32)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "chain")  # relative: reports name portable paths
     parser.add_argument("--out", type=Path, default=Path("docs") / "results" / "chain")
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
     parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("--report-arg", action="append", default=[], help="extra compatembed-report override (repeatable)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2], help="seeds of v2, v3 and the independent chain (v1 is fixed)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
+                        help="seeds of v2, v3 and the independent chain (v1 is fixed)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
     started = time.perf_counter()
     v1 = _train("chain_v1", "cifar10_independent_old", "0-3", runs, overrides, reuse=reuse)
-    report_overrides = [f"backend={args.eval_backend}"] + [o for o in overrides if o.startswith(("data", "paths", "trainer.device"))]
+    shared = [o for o in overrides if o.startswith(("data", "paths", "trainer.device"))]
+    report_overrides = [f"backend={args.eval_backend}"] + shared
     report_overrides = [o.replace("trainer.device", "device") for o in report_overrides] + list(args.report_arg)
     per_seed = {}
     for seed in args.seeds:
@@ -98,7 +101,8 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
         extra = [f"method.old_version={previous}"]
         if args.method in ("oca", "bt2"):  # the embedding grows by extra_dims at each step
             extra += [f"method.extra_dims={args.extra_dims}", f"model.embed_dim={_dim(previous) + args.extra_dims}"]
-        trained[name] = _train(f"chain_{args.method}_{name}", f"cifar10_{args.method}", classes, runs, overrides + extra, reuse=reuse)
+        trained[name] = _train(f"chain_{args.method}_{name}", f"cifar10_{args.method}", classes, runs, overrides + extra,
+                               reuse=reuse)
         previous = trained[name]["version_dir"]
     previous = v1["version_dir"]
     for name, classes in STEPS[1:]:
@@ -109,7 +113,8 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
     out = args.out / f"s{seed}"
     independent = [trained["i2"]["version_dir"], trained["i3"]["version_dir"]]
     compatible = _report([trained[v]["version_dir"] for v in ("v1", "v2", "v3")], independent, out,
-                         report_overrides + [f"title='Compatible chain ({args.method} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
+                         report_overrides
+                         + [f"title='Compatible chain ({args.method} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     indep = _report([v1["version_dir"], *independent], independent, out / "independent",
                     report_overrides + [f"title='Independent chain (contrast, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     for chain, rep in (("compatible", compatible), ("independent", indep)):
@@ -121,7 +126,8 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
     return {
         "versions": {k: v["version_dir"] for k, v in trained.items()},
         "train_wall_s": {k: v["wall_s"] for k, v in trained.items()},
-        "compatible": {m: {"AC": compatible["summary"][m]["AC"], "AM": compatible["summary"][m]["AM"]} for m in compatible["metrics"]},
+        "compatible": {m: {"AC": compatible["summary"][m]["AC"], "AM": compatible["summary"][m]["AM"]}
+                       for m in compatible["metrics"]},
         "independent": {m: {"AC": indep["summary"][m]["AC"], "AM": indep["summary"][m]["AM"]} for m in indep["metrics"]},
         "gate": {"compatible": compatible["gate"]["passed"], "independent": indep["gate"]["passed"]},
         "report": str(out / "report.md"),
@@ -145,7 +151,8 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
             ams = [per_seed[s][chain][m]["AM"] for s in per_seed]
             summary[chain][m] = {"AC": acs, "AM": ams}
             ac_text = ", ".join("n/a" if a is None else f"{100 * a:.0f}%" for a in acs)
-            lines.append(f"| {chain} | {m} | {ac_text} | {', '.join(f'{100 * a:.1f}' for a in ams)} | {100 * sum(ams) / len(ams):.1f} |")
+            am_text = ", ".join(f"{100 * a:.1f}" for a in ams)
+            lines.append(f"| {chain} | {m} | {ac_text} | {am_text} | {100 * sum(ams) / len(ams):.1f} |")
     m = summary["machine"]
     lines += ["", f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}; "
               f"whole run {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "

@@ -36,11 +36,13 @@ from typing import Any
 
 import numpy as np
 
+from compatembed.methods import list_methods, method_class
+from compatembed.methods.post_hoc import PostHocMapMethod
 from tools._runner import REPO, evaluate, machine, train, write_json
 
 METRICS = ("top1", "top5", "mAP", "mAP@R")
-METHODS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
-POST_HOC = ("lambda_orth", "fct")  # fit a map between the independent new model and the old space
+DEFAULT_ROWS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
+"""The rows trained without ``--methods``, in table order (any row of :func:`entries` may be asked for)."""
 NORMALIZED = "classifier_input=normalized"
 
 
@@ -63,15 +65,23 @@ BASELINES = {
     "normalized": Entry("independent (normalized)", "independent_new", (f"method.{NORMALIZED}",), "normalized",
                         "independent_new_normalized"),
 }
-ENTRIES = {
+ROWS = {  # where a method's row is more than its name against the raw baseline, and the named variants
     "bct": Entry("bct (paper: old classifier on the raw feature)", "bct"),
     "bct_prototypes": Entry("bct (prototypes: P on the normalised feature, weight 10)", "bct",
                             ("method.variant=prototypes", f"method.{NORMALIZED}"), "normalized", "bct_prototypes"),
     "oca": Entry("oca", "oca", baseline="normalized"),
     "bt2": Entry("bt2", "bt2", baseline="normalized"),
-    "lambda_orth": Entry("lambda_orth", "lambda_orth"),
-    "fct": Entry("fct", "fct"),
 }
+
+
+def entries() -> dict[str, Entry]:
+    """A row per registered method (``cifar10_<name>``; ``independent`` is the baseline, not a row), then the variants."""
+    return {**{name: Entry(name, name) for name in list_methods() if name != "independent"}, **ROWS}
+
+
+def post_hoc(experiment: str) -> bool:
+    """The row's method fits a map between the independent new model and the old space (it can adopt the baseline)."""
+    return experiment in list_methods() and issubclass(method_class(experiment), PostHocMapMethod)
 
 
 @dataclass
@@ -141,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenario", choices=("internal", "external"), default="internal",
                         help="internal: old = our model on classes 0-4; external: old = the third-party ResNet-20")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    known = entries()
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_ROWS), choices=list(known),
+                        help=f"rows to train (default: {' '.join(DEFAULT_ROWS)})")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
                         help="seeds of the new models (the old model is fixed); not the old model's seed 0, since a "
                              "shared initialisation makes independently trained models partly compatible by accident")
@@ -157,15 +169,15 @@ def main(argv: list[str] | None = None) -> int:
                              "(repeatable), e.g. --variant 'oca method.influence_scale=10'")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
-    entries = [ENTRIES[m] for m in args.methods]
+    chosen = [known[m] for m in args.methods]
     for text in args.variant:
         method, *extra = shlex.split(text)
-        if method not in METHODS or not extra or not all("=" in o for o in extra):
-            parser.error(f"--variant {text!r}: want a method ({', '.join(METHODS)}) followed by KEY=VALUE overrides")
-        base = ENTRIES[method]
+        if method not in known or not extra or not all("=" in o for o in extra):
+            parser.error(f"--variant {text!r}: want a method ({', '.join(known)}) followed by KEY=VALUE overrides")
+        base = known[method]
         overrides = (*base.overrides, *extra)
         baseline = "normalized" if any(o.endswith(NORMALIZED) for o in overrides) else base.baseline
-        entries.append(Entry(f"{base.label} ({' '.join(extra)})", base.experiment, overrides, baseline,
+        chosen.append(Entry(f"{base.label} ({' '.join(extra)})", base.experiment, overrides, baseline,
                              (base.run_name or base.experiment) + "__" + _slug(extra)))
     if len(set(args.seeds)) != len(args.seeds) or any(s < 0 for s in args.seeds):
         parser.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
     linked = [f"method.old_version={old['version_dir']}"]
     rows, failed = Rows(), {}
-    needed = {"raw"} | {e.baseline for e in entries} | ({"normalized"} if "bt2" in args.methods else set())
+    needed = {"raw"} | {e.baseline for e in chosen} | ({"normalized"} if "bt2" in args.methods else set())
 
     def run(entry: Entry, seed: int, extra: list[str], baseline: dict[str, Any] | None) -> dict[str, Any] | None:
         run_name = f"{entry.name(prefix)}_s{seed}"
@@ -197,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         base_self = _row((baseline or {"report": report})["report"]["pairs"], "new", "new")
         base_step = (baseline or trained)["manifest"]["training"]["summary"].get("train/step_time_s")
         step = summary.get("train/step_time_s")
-        ratio = None if not (step and base_step) or entry.experiment in POST_HOC else step / base_step
+        ratio = None if not (step and base_step) or post_hoc(entry.experiment) else step / base_step
         row = summarise(seed, report, base_self, ratio, trained["wall_s"], summary.get("train/images_per_s"))
         if baseline is None:  # a baseline measured against itself: it has no update gain
             row["update_gain"] = {m: None for m in row["update_gain"]}
@@ -212,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
                 result = run(BASELINES[key], seed, [], None)
                 if result is not None:
                     baselines[key] = result
-        for entry in entries:
+        for entry in chosen:
             if entry.baseline not in baselines or (entry.experiment == "bt2" and "normalized" not in baselines):
                 failed[f"{entry.label} seed {seed}"] = "its independent baseline failed"
                 continue
             extra = []
             if entry.experiment == "bt2":  # distils from the like-for-like independent model of the same seed
                 extra.append(f"method.new_reference_version={baselines['normalized']['version_dir']}")
-            if entry.experiment in POST_HOC and not args.retrain_post_hoc:
+            if post_hoc(entry.experiment) and not args.retrain_post_hoc:
                 extra += [f"method.new_version={baselines[entry.baseline]['version_dir']}", "trainer.epochs=0"]
             run(entry, seed, extra, baselines[entry.baseline])
     _write(args, name, old, rows, failed, argv)
@@ -240,7 +252,8 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows,
     payload = {
         "scenario": args.scenario,
         "protocol": (
-            "shared CIFAR-10 (JPEG copy); old: " + ("the third-party ResNet-20 (all 10 classes, 64-d)" if args.scenario == "external" else "classes 0-4")
+            "shared CIFAR-10 (JPEG copy); old: "
+            + ("the third-party ResNet-20 (all 10 classes, 64-d)" if args.scenario == "external" else "classes 0-4")
             + "; new: classes 0-9; query set = gallery set = the 10-class test split, leave-one-out; new/old follows the "
             "manifest's compatibility route (prefix, affine map, or forward-upgraded gallery)"
         ),

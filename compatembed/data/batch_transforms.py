@@ -37,7 +37,9 @@ def _resize_nhwc(images: torch.Tensor, size: list[int], interpolation: str) -> t
     return out.permute(0, 2, 3, 1)
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random ``(H, W)`` crops of the zero-padded images, each flipped horizontally with probability 1/2.
 
     Args:

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from torch.utils.data import DataLoader, Dataset
 
 from compatembed.data.array_cache import ArrayImages, array_view
@@ -147,7 +146,8 @@ def training_loader(
     """
     drop_last = len(dataset) > batch_size
     if isinstance(dataset, WebDatasetShards):  # streamed from tar shards: no random access, workers read whole shards
-        return shard_loader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device, drop_last=drop_last)
+        return shard_loader(dataset, batch_size=batch_size, num_workers=num_workers, seed=seed, device=device,
+                            drop_last=drop_last)
     if batch_source(dataset) is not None:
         return ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, seed=seed, device=device)
     generator = torch.Generator().manual_seed(seed)

@@ -266,7 +266,9 @@ class WebDatasetShards(IterableDataset):
         self.shard_starts: np.ndarray = as_int64(np.concatenate([[0], np.cumsum(self.shard_counts)[:-1]]))
         self.targets: np.ndarray = as_int64([y for labels in per_shard for y in labels])
         if len(self.targets) == 0:
-            raise DataError(f"no samples (<key>.<image> + <key>.{LABEL_SUFFIX}) in the {len(self.shard_paths)} shard(s) of {shards!r}")
+            raise DataError(
+                f"no samples (<key>.<image> + <key>.{LABEL_SUFFIX}) in the {len(self.shard_paths)} shard(s) of {shards!r}"
+            )
         self.ids: np.ndarray = np.arange(len(self.targets), dtype=np.int64)
         self.transform = transform
         self.shuffle_buffer = int(shuffle_buffer)
@@ -351,7 +353,8 @@ class WebDatasetShards(IterableDataset):
             label = _parse_label(sample[LABEL_SUFFIX], shard, key, num_classes)
             if label != self.targets[position]:
                 raise DataError(
-                    f"sample {key!r} in shard {shard} has label {label} but {int(self.targets[position])} when indexed (changed since?)"
+                    f"sample {key!r} in shard {shard} has label {label} but {int(self.targets[position])} when indexed "
+                    "(changed since?)"
                 )
             image = decode_rgb(sample[suffix], f"{shard}:{key}.{suffix}")
             yield (self.transform(image) if self.transform is not None else image), label, position

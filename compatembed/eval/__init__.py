@@ -1,9 +1,12 @@
 """Retrieval and compatibility metrics, and the tables that report them.
 
-The evaluate CLI, validation during training and the reports all import from here, so every number the
+The eval CLI, the validation after training and the reports all compute from here, so every number the
 project prints comes from one implementation. Pure numpy + FAISS: importing this package needs no torch.
+Two modules are not imported with it because they extract embeddings (torch): :mod:`.pair_report` (the
+``compatembed-eval`` report) and :mod:`.report` (``build_report``, the ``compatembed-report`` report).
 """
 
+from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
 from compatembed.eval.compatibility import (
     average_compatibility,
     average_multimodel_accuracy,
@@ -12,11 +15,10 @@ from compatembed.eval.compatibility import (
     empirical_compatibility,
     update_gain,
 )
-from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
-from compatembed.eval.tables import matrix_markdown, pair_table_markdown
 from compatembed.eval.matrix import CompatibilityMatrix, GateResult, compute_matrix, gate, summarise_matrix
 from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
-from compatembed.eval.backfill import backfill_curve, neighbour_margin_order, prototype_margin_order, random_order
+from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
+from compatembed.eval.tables import matrix_markdown, pair_table_markdown
 
 __all__ = [
     "RetrievalEvaluator",

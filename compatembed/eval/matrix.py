@@ -1,7 +1,7 @@
 """The compatibility matrix over a sequence of model versions, and what it says about each upgrade.
 
 ``C[t][j] = M(φ_t queries, φ_j gallery)`` for ``j <= t`` on one labelled split, for every retrieval metric.
-Each entry is computed by :func:`compatembed.evaluate.evaluate_pair` -- the function behind
+Each entry is computed by :func:`compatembed.eval.pairs.evaluate_pair` -- the function behind
 ``compatembed-eval`` -- so a matrix cell and the eval CLI's new/old number are the same computation,
 following the same compatibility routes (v3 → v1 composes through v2).
 
@@ -26,6 +26,7 @@ from compatembed.eval.compatibility import (
     compatibility_criterion_matrix,
     update_gain,
 )
+from compatembed.eval.pairs import evaluate_pair
 
 if TYPE_CHECKING:  # torch-free at import: EmbeddingSet lives next to the torch embedding code
     from compatembed.embeddings import EmbeddingSet
@@ -108,7 +109,7 @@ def compute_matrix(
     backend: str = "faiss",
     metrics: Sequence[str] = DEFAULT_METRICS,
 ) -> CompatibilityMatrix:
-    """Evaluate every pair ``j <= t`` with the eval CLI's own :func:`~compatembed.evaluate.evaluate_pair`.
+    """Evaluate every pair ``j <= t`` with the eval CLI's own :func:`~compatembed.eval.pairs.evaluate_pair`.
 
     Args:
         sets: T embedding sets of the same labelled split, oldest version first (their ``meta`` carries
@@ -126,8 +127,6 @@ def compute_matrix(
     Raises:
         EvalError: no sets, item ids that differ between versions under leave-one-out, an unknown metric.
     """
-    from compatembed.evaluate import evaluate_pair  # hydra is only needed here
-
     if not sets:
         raise EvalError("compute_matrix needs at least one embedding set")
     names = [str(n) for n in (names or [s.meta.get("version_id", f"v{i + 1}") for i, s in enumerate(sets)])]

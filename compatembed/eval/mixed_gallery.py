@@ -14,7 +14,6 @@ never come back, and they are scored as ranked last, all tied, which is what a u
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -75,29 +74,6 @@ def split_gallery(ids: np.ndarray, fractions: Sequence[float], *, seed: int = 0)
     return owner[rng.permutation(n)]
 
 
-def ancestor_dirs(version_dirs: Sequence[str | Path]) -> list[Path]:
-    """The given version directories plus every ancestor training recorded (routes compose through them)."""
-    seen: dict[str, Path] = {}
-    pending = [Path(d) for d in version_dirs]
-    while pending:
-        directory = pending.pop(0)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise EvalError(f"{directory}: not a model version directory (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text())
-        vid = str(manifest.get("version_id"))
-        if vid in seen:
-            continue
-        seen[vid] = directory
-        recorded = manifest.get("training", {}).get("old_version_dir")
-        if recorded:
-            for candidate in (Path(recorded), directory.parent / Path(recorded).name):
-                if (candidate / "manifest.json").is_file():
-                    pending.append(candidate)
-                    break
-    return list(seen.values())
-
-
 class MixedGallery:
     """One labelled split loaded into an in-process index service, item by item from any version.
 
@@ -134,6 +110,8 @@ class MixedGallery:
         seed: int = 0,
     ) -> None:
         from compatembed_index.api import IndexService
+
+        from compatembed.models.version import ancestor_dirs  # needs torch: imported on use, not with this package
 
         if not sets:
             raise EvalError("a mixed gallery needs the embeddings of at least one version")
@@ -191,7 +169,9 @@ class MixedGallery:
         Args:
             assignment: version id → (N_v,) item ids; together they must cover every item exactly once.
         """
-        given = np.concatenate([np.asarray(v, dtype=np.int64) for v in assignment.values()]) if assignment else np.zeros(0, np.int64)
+        given = np.zeros(0, np.int64)
+        if assignment:
+            given = np.concatenate([np.asarray(v, dtype=np.int64) for v in assignment.values()])
         if len(given) != len(self.ids) or not np.array_equal(np.sort(given), self.ids):
             raise EvalError("the assignment must place every gallery item in exactly one version")
         with service_errors():

@@ -41,7 +41,8 @@ def plot_matrix_heatmap(matrix: CompatibilityMatrix, path: str | Path, metrics: 
     plt = _pyplot()
     metrics = list(metrics or matrix.metrics)
     t = len(matrix.names)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(1.2 + 1.1 * t * len(metrics) + 0.8 * len(metrics), 1.2 + 0.9 * t), squeeze=False)
+    size = (1.2 + 1.1 * t * len(metrics) + 0.8 * len(metrics), 1.2 + 0.9 * t)
+    fig, axes = plt.subplots(1, len(metrics), figsize=size, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         c = np.array(matrix.values[metric], dtype=float)
         shown = np.where(np.tril(np.ones((t, t), bool)), 100 * c, np.nan)

@@ -1,6 +1,6 @@
 """The compatibility report's files: ``report.md``, ``report.json``, CSVs, and (optionally) wandb.
 
-:func:`render_markdown` turns the report dict that :mod:`compatembed.report` assembles into a document
+:func:`render_markdown` turns the report dict that :func:`compatembed.eval.report.build_report` assembles into a document
 that reads on its own: what was compared and how, the matrix per metric, the criterion per pair, AC/AM,
 the update gain per step, the mixed-gallery and backfill results, the deployment verdict and the plots.
 Every section is always present; a section that was not run says so and why.
@@ -132,8 +132,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out.append("AC: fraction of pairs t > j that meet the criterion. AM: mean of C[t][j] over j ≤ t, diagonal included; "
                "a cross test that retrieves nothing counts as a genuine zero (it is not dropped).")
     out.append("")
+    summary = report["summary"]
     out.append(_table(["metric", "AC (%)", "AM (%)"],
-                      [[_LABELS.get(m, m), _pct(report["summary"][m]["AC"], 0), _pct(report["summary"][m]["AM"])] for m in metrics]))
+                      [[_LABELS.get(m, m), _pct(summary[m]["AC"], 0), _pct(summary[m]["AM"])] for m in metrics]))
 
     out += ["## Update gain", ""]
     out.append("Per upgrade step: [M(new, old) − M(old, old)] / [M(new*, new*) − M(old, old)], new* an independently "
@@ -163,7 +164,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if mixed and mixed.get("rows"):
         out.append(f"The gallery split across versions in the given fractions (items drawn at random, seed {mixed['seed']}), "
                    f"stored in the index service and searched by `{mixed['query']}` queries through the service's own "
-                   f"search path (full ranking, k = gallery size; {mixed.get('num_queries', '?')} queries). {mixed.get('note', '')}".rstrip())
+                   f"search path (full ranking, k = gallery size; {mixed.get('num_queries', '?')} queries). "
+                   f"{mixed.get('note', '')}".rstrip())
         out.append("")
         calibrated = any("calibrated" in r for r in mixed["rows"])
         if calibrated:
@@ -303,10 +305,12 @@ def log_to_wandb(report: Mapping[str, Any], out_dir: str | Path, *, project: str
         names = report["matrix"]["versions"]
         matrix_rows = [[m, names[t], names[j], report["matrix"]["values"][m][t][j]]
                        for m in report["metrics"] for t in range(len(names)) for j in range(t + 1)]
-        payload: dict[str, Any] = {"compatibility_matrix": wandb.Table(columns=["metric", "query", "gallery", "value"], data=matrix_rows)}
+        matrix_table = wandb.Table(columns=["metric", "query", "gallery", "value"], data=matrix_rows)
+        payload: dict[str, Any] = {"compatibility_matrix": matrix_table}
         bf = report.get("backfill")
         if bf and bf.get("curves"):
-            rows = [[curve, p["fraction"], *(p[m] for m in report["metrics"])] for curve, pts in bf["curves"].items() for p in pts]
+            rows = [[curve, p["fraction"], *(p[m] for m in report["metrics"])]
+                    for curve, pts in bf["curves"].items() for p in pts]
             payload["backfill"] = wandb.Table(columns=["curve", "fraction", *report["metrics"]], data=rows)
         for key, rel in report.get("plots", {}).items():
             if rel and (out_dir / rel).is_file():

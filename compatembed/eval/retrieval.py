@@ -1,8 +1,9 @@
 """Retrieval metrics: CMC top-k, mAP over the full ranking, mAP@R and R-precision.
 
-This is the one place where a query set is ranked against a gallery. The evaluate CLI, validation during
-training and the reports all call :func:`retrieval_metrics` (or a :class:`RetrievalEvaluator` built from
-config), so a number in a report and a number logged during training are the same computation.
+This is the one place where a query set is ranked against a gallery. The eval CLI, the validation after
+training (``validation.enabled``) and the reports all call :func:`retrieval_metrics` (through
+:func:`compatembed.eval.pairs.evaluate_pair`), so a number in a report and a validation number are the same
+computation.
 
 Protocol (``methods.md``, "Evaluation protocol"): cosine similarity after truncating both sides to
 ``min(d_q, d_g)`` dims and L2-renormalising; an item is relevant to a query when it has the query's label.
@@ -201,10 +202,10 @@ def retrieval_metrics(
 
 @dataclass(frozen=True)
 class RetrievalEvaluator:
-    """Retrieval metrics with their options fixed once, e.g. from ``conf/eval.yaml`` via ``instantiate``.
+    """Retrieval metrics with their options fixed once, for callers that evaluate many query sets alike.
 
     Like pytorch-metric-learning's ``AccuracyCalculator``: options and the metric selection are checked at
-    construction, and calling it returns a dict of named metrics.
+    construction, and calling it returns a dict of named metrics (those of :func:`retrieval_metrics`).
 
     Attributes:
         topk: the k of each ``top{k}`` key.
@@ -231,7 +232,7 @@ class RetrievalEvaluator:
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Hydra hands lists (ListConfig); keep the frozen instance hashable and comparable.
+        # Lists (as a config gives them) become tuples: the frozen instance stays hashable and comparable.
         object.__setattr__(self, "topk", check_topk(self.topk))
         object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -510,7 +511,8 @@ def _self_index(n_q: int, n_g: int, query_ids: np.ndarray | None, gallery_ids: n
     if not found.any():
         raise EvalError("leave_one_out=True but no query id occurs in gallery_ids; the query set is not the gallery set")
     if not found.all():
-        _logger.info("leave-one-out: %d of %d query ids are not in the gallery; nothing is left out for them", int((~found).sum()), n_q)
+        _logger.info("leave-one-out: %d of %d query ids are not in the gallery; nothing is left out for them",
+                     int((~found).sum()), n_q)
     return np.where(found, sorter[at], -1).astype(np.int64)
 
 
@@ -521,6 +523,7 @@ def _truncate_normalise(x: np.ndarray, d: int, name: str) -> np.ndarray:
     zero = norms == 0
     if zero.any():
         raise EvalError(
-            f"{name} row {int(np.flatnonzero(zero)[0])} is a zero vector after truncation to {d} dims; cosine similarity is undefined"
+            f"{name} row {int(np.flatnonzero(zero)[0])} is a zero vector after truncation to {d} dims; "
+            "cosine similarity is undefined"
         )
     return np.ascontiguousarray((x / norms[:, None]).astype(np.float32))

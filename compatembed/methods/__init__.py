@@ -1,6 +1,10 @@
-"""Training methods, one module per method, all behind :class:`compatembed.methods.base.Method`."""
+"""Training methods, one module per method, all behind :class:`compatembed.methods.base.Method`.
 
-from compatembed.methods.base import METHODS, Method, MethodContext, class_prototypes, freeze, list_methods
+:func:`list_methods` finds every method of this package by importing its modules; the imports below are
+the public names, not the registry.
+"""
+
+from compatembed.methods.base import METHODS, Method, MethodContext, class_prototypes, freeze, list_methods, method_class
 from compatembed.methods.bct import BCT
 from compatembed.methods.bt2 import BT2, BT2Embedder
 from compatembed.methods.fct import FCT
@@ -22,4 +26,5 @@ __all__ = [
     "class_prototypes",
     "freeze",
     "list_methods",
+    "method_class",
 ]

@@ -10,7 +10,9 @@ after the last epoch, then exports :meth:`Method.deployed_model` with the relati
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
@@ -21,7 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compatembed.embeddings import embed_dataset
-from compatembed.errors import ConfigError
+from compatembed.errors import ConfigError, DataError
 from compatembed.models.version import (
     CompatibilityEdge,
     LoadedVersion,
@@ -58,6 +60,20 @@ class MethodContext:
     num_workers: int = 0
     model_config: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
+
+    def labels(self) -> torch.Tensor:
+        """Labels of ``train_set`` in item order, read from its ``targets`` (no image is decoded).
+
+        Returns:
+            (N,) int64 tensor on CPU.
+
+        Raises:
+            DataError: the training set exposes no ``targets`` (every project dataset does).
+        """
+        targets = getattr(self.train_set, "targets", None)
+        if targets is None:
+            raise DataError(f"training set {type(self.train_set).__name__} has no 'targets'; methods need per-item labels")
+        return torch.as_tensor(np.asarray(targets, dtype=np.int64))
 
     def features(self, model: nn.Module, *, name: str) -> torch.Tensor:
         """L2-normalised features of every training item under ``model`` (eval mode, no augmentation).
@@ -106,11 +122,33 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
 
 
 METHODS: dict[str, type["Method"]] = {}
+"""Method name → class. A :class:`Method` subclass with a ``name`` registers itself when its module is
+imported; :func:`list_methods` imports every module of this package first, so none is missed."""
+
+
+def _import_method_modules() -> None:
+    """Import every module of this package (each registers the methods it defines); cheap after the first call."""
+    package = importlib.import_module(__name__.rpartition(".")[0])
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{package.__name__}.{module.name}")
 
 
 def list_methods() -> list[str]:
-    """Names of the registered methods (each module in this package registers one)."""
+    """Names of every method defined in this package, sorted: the names ``method=<name>`` and the tools accept."""
+    _import_method_modules()
     return sorted(METHODS)
+
+
+def method_class(name: str) -> type["Method"]:
+    """The method registered as ``name``.
+
+    Raises:
+        ConfigError: no module of this package defines a method of that name.
+    """
+    _import_method_modules()
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
 
 
 class Method(nn.Module):

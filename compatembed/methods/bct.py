@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -51,21 +50,6 @@ def _choice(value: str, allowed: tuple[str, ...], key: str) -> str:
     return value
 
 
-def train_targets(ctx: MethodContext) -> torch.Tensor:
-    """Labels of ``ctx.train_set`` in item order, read from its ``targets`` (no image is decoded).
-
-    Returns:
-        (N,) int64 tensor on CPU.
-
-    Raises:
-        DataError: the training set exposes no ``targets``.
-    """
-    targets = getattr(ctx.train_set, "targets", None)
-    if targets is None:
-        raise DataError(f"training set {type(ctx.train_set).__name__} has no 'targets'; methods need per-item labels")
-    return torch.as_tensor(np.asarray(targets, dtype=np.int64))
-
-
 def old_prototypes(ctx: MethodContext, old_model: nn.Module) -> torch.Tensor:
     """The pseudo classifier P of the code bases: per-class means of the old model's normalised features.
 
@@ -76,7 +60,7 @@ def old_prototypes(ctx: MethodContext, old_model: nn.Module) -> torch.Tensor:
         (num_classes, d_old) float32 on CPU; rows of classes without training items are zero.
     """
     features = ctx.features(old_model, name="old")
-    labels = train_targets(ctx)
+    labels = ctx.labels()
     if features.shape[0] != labels.shape[0]:
         raise DataError(f"old features cover {features.shape[0]} items but the training set has {labels.shape[0]}")
     return class_prototypes(features.float(), labels, ctx.num_classes)
@@ -207,7 +191,8 @@ class BCT(Method):
             assert head is not None
             if head.out_features > self.num_classes:
                 raise ConfigError(
-                    f"old classifier has {head.out_features} classes but the label space has {self.num_classes} (data.num_classes)"
+                    f"old classifier has {head.out_features} classes but the label space has {self.num_classes} "
+                    "(data.num_classes)"
                 )
             listed = old.manifest.get("training", {}).get("classes")
             seen = list(range(head.out_features)) if not listed else [int(c) for c in listed]

@@ -30,45 +30,17 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 from compatembed.errors import ConfigError, DataError
 from compatembed.methods.base import Method, MethodContext, class_prototypes
 from compatembed.models.heads import Classifier
+from compatembed.models.orthogonal import orthogonal_linear, orthogonality_error
 from compatembed.models.version import CompatibilityEdge, LoadedVersion, deployable, load_manifest, load_model_version
 
 _logger = logging.getLogger(__name__)
-
-ORTHOGONAL_MAPS: tuple[str, ...] = ("matrix_exp", "cayley", "householder")
-"""Maps ``torch.nn.utils.parametrizations.orthogonal`` offers for square matrices."""
-
-
-def orthogonal_linear(dim: int, orthogonal_map: str) -> nn.Linear:
-    """A bias-free ``dim × dim`` linear layer kept exactly orthogonal by parametrisation.
-
-    Args:
-        dim: Size of the square matrix.
-        orthogonal_map: ``matrix_exp`` (PyTorch's default, the published code's choice), ``cayley``
-            or ``householder``.
-
-    Raises:
-        ConfigError: ``orthogonal_map`` is not one of :data:`ORTHOGONAL_MAPS`.
-    """
-    if orthogonal_map not in ORTHOGONAL_MAPS:
-        raise ConfigError(f"unknown orthogonal_map={orthogonal_map!r}; use one of {', '.join(ORTHOGONAL_MAPS)}")
-    return orthogonal(nn.Linear(dim, dim, bias=False), orthogonal_map=orthogonal_map)
-
-
-def orthogonality_error(layer: nn.Linear) -> float:
-    """``‖QᵀQ − I‖_F`` of a square linear layer's weight (0 for an exactly orthogonal matrix)."""
-    with torch.no_grad():
-        weight = layer.weight.detach().double()
-        eye = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
-        return float(torch.linalg.matrix_norm(weight.T @ weight - eye))
 
 
 class BT2Parts(NamedTuple):
@@ -104,7 +76,7 @@ class BT2Embedder(nn.Module):
         d_new: Dimension of the independently trained new model's embedding.
         k: Extra dimensions added on top of ``d_new`` (``1 <= k <= d_old``; 32 in the paper).
         scale: The constant ``C`` that weighs the new part against the unit-norm added part (2).
-        orthogonal_map: How ``B_p`` and ``B_o`` are parametrised (see :data:`ORTHOGONAL_MAPS`).
+        orthogonal_map: How ``B_p`` and ``B_o`` are parametrised (see :data:`compatembed.models.orthogonal.ORTHOGONAL_MAPS`).
         normalize: Whether :meth:`embed` L2-normalises φ_BT2 (retrieval by cosine similarity).
         last_nonlin: ReLU on the student's feature ``f`` (the published code's non-negative feature);
             ``False`` (what versions written before the option was added hold) keeps it signed.
@@ -157,8 +129,8 @@ class BT2Embedder(nn.Module):
         self.scale = float(scale)
         self.orthogonal_map = orthogonal_map
         self.old_head = nn.Linear(d_new + d_old, d_old, bias=True)
-        self.basis_p = orthogonal_linear(d_new, orthogonal_map)
-        self.basis_o = orthogonal_linear(d_old, orthogonal_map)
+        self.basis_p = orthogonal_linear(d_new, bias=False, orthogonal_map=orthogonal_map)
+        self.basis_o = orthogonal_linear(d_old, bias=False, orthogonal_map=orthogonal_map)
         self.embed_dim = k + d_new
         self.normalize = bool(normalize)
         self.last_nonlin = bool(last_nonlin)
@@ -204,7 +176,7 @@ class BT2Embedder(nn.Module):
 
     def orthogonality_errors(self) -> dict[str, float]:
         """``‖QᵀQ − I‖_F`` of ``B_p`` and ``B_o``."""
-        return {"basis_p": orthogonality_error(self.basis_p), "basis_o": orthogonality_error(self.basis_o)}
+        return {"basis_p": orthogonality_error(self.basis_p.weight), "basis_o": orthogonality_error(self.basis_o.weight)}
 
     def extra_repr(self) -> str:
         return (
@@ -220,14 +192,6 @@ def _version_dim(version_dir: str, key: str) -> int:
         return int(manifest["embedding"]["dim"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{key}={version_dir}: its manifest declares no embedding dim") from exc
-
-
-def _train_labels(ctx: MethodContext) -> torch.Tensor:
-    """(N,) int64 labels of the training items, in ``ctx.train_set`` order."""
-    targets = getattr(ctx.train_set, "targets", None)
-    if targets is None:
-        raise DataError(f"BT² needs a training set with per-item 'targets'; {type(ctx.train_set).__name__} has none")
-    return torch.as_tensor(np.asarray(targets, dtype=np.int64))
 
 
 class BT2(Method):
@@ -333,7 +297,7 @@ class BT2(Method):
             )
         self.add_frozen("new_reference_model", self.new_reference.model)
 
-        labels = _train_labels(ctx)
+        labels = ctx.labels()
         old_features = ctx.features(self.old_model, name="old")
         new_features = ctx.features(self.new_reference_model, name="new_reference")
         for name, feats, dim in (("old", old_features, self.d_old), ("new_reference", new_features, self.d_new)):

@@ -33,7 +33,8 @@ from torch.nn import functional as F
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.maps import PostHocMapMethod, shuffled_batches, first_last_means, mean_cosine
+from compatembed.methods.maps import first_last_means, mean_cosine, shuffled_batches
+from compatembed.methods.post_hoc import PostHocMapMethod
 from compatembed.models.version import CompatibilityEdge, LoadedVersion, load_model_version
 
 _logger = logging.getLogger(__name__)
@@ -184,28 +185,11 @@ class ForwardFit:
     facts: dict[str, Any] = field(default_factory=dict)
 
 
-def fit_forward_map(
-    source: torch.Tensor,
-    target: torch.Tensor,
-    *,
-    hidden_dims: Sequence[int] = (512,),
-    activation: str = "relu",
-    batch_norm: bool = True,
-    batchnorm_mode: str = "batch",
-    loss: str = "mse",
-    loss_weight: float = 1.0,
-    steps: int = 3000,
-    batch_size: int = 256,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> ForwardFit:
-    """Fit ``h`` with ``target ≈ h(source)`` on paired training features (Adam, cosine-annealed lr).
+@dataclass(frozen=True)
+class ForwardMapOptions:
+    """The options of the forward-map fit, checked once (``method=fct`` builds them from its keys).
 
-    Args:
-        source: (N, d_in) old-model features (concatenated with side information when used).
-        target: (N, d_new) new-model features of the same items.
+    Attributes:
         hidden_dims / activation / batch_norm: the MLP (see :class:`ForwardMLP`).
         batchnorm_mode: ``batch`` (batch statistics while fitting) or ``fixed`` (fit in eval mode, as the
             public code does).
@@ -213,48 +197,88 @@ def fit_forward_map(
         loss_weight: weight of the loss term (one term; kept for a uniform config).
         steps / batch_size / lr / weight_decay: the optimiser.
         seed: seeds the initialisation and the batch order.
+
+    Raises:
+        ConfigError: an unknown activation, BatchNorm mode or loss.
+    """
+
+    hidden_dims: Sequence[int] = (512,)
+    activation: str = "relu"
+    batch_norm: bool = True
+    batchnorm_mode: str = "batch"
+    loss: str = "mse"
+    loss_weight: float = 1.0
+    steps: int = 3000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, known in (("activation", tuple(ACTIVATIONS)), ("batchnorm_mode", BATCHNORM_MODES), ("loss", LOSSES)):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"unknown fct {key} {getattr(self, key)!r}; known: {', '.join(known)}")
+        typed = {"hidden_dims": tuple(int(h) for h in self.hidden_dims), "batch_norm": bool(self.batch_norm),
+                 **{k: float(getattr(self, k)) for k in ("loss_weight", "lr", "weight_decay")},
+                 **{k: int(getattr(self, k)) for k in ("steps", "batch_size", "seed")}}
+        for key, value in typed.items():
+            object.__setattr__(self, key, value)
+
+
+def fit_forward_map(
+    source: torch.Tensor,
+    target: torch.Tensor,
+    options: ForwardMapOptions | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> ForwardFit:
+    """Fit ``h`` with ``target ≈ h(source)`` on paired training features (Adam, cosine-annealed lr).
+
+    Args:
+        source: (N, d_in) old-model features (concatenated with side information when used).
+        target: (N, d_new) new-model features of the same items.
+        options: the MLP and its optimiser (default: :class:`ForwardMapOptions` ``()``).
         device: where the fit runs.
 
     Returns:
         A :class:`ForwardFit` whose MLP is in eval mode.
     """
-    if batchnorm_mode not in BATCHNORM_MODES:
-        raise ConfigError(f"unknown fct batchnorm_mode {batchnorm_mode!r}; known: {', '.join(BATCHNORM_MODES)}")
-    if loss not in LOSSES:
-        raise ConfigError(f"unknown fct loss {loss!r}; known: {', '.join(LOSSES)}")
+    o = options if options is not None else ForwardMapOptions()
     if source.ndim != 2 or target.ndim != 2 or source.shape[0] != target.shape[0] or source.shape[0] < 2:
-        raise ConfigError(f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}")
+        raise ConfigError(
+            f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}"
+        )
     device = torch.device(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mlp = ForwardMLP(source.shape[1], target.shape[1], hidden_dims, activation=activation, batch_norm=batch_norm)
+        torch.manual_seed(o.seed)
+        mlp = ForwardMLP(source.shape[1], target.shape[1], o.hidden_dims, activation=o.activation, batch_norm=o.batch_norm)
     mlp.to(device)
     source, target = source.to(device).float(), target.to(device).float()
     history: dict[str, list[float]] = {"transfer": []}
-    if steps > 0:
-        optimizer = torch.optim.Adam(mlp.parameters(), lr=lr, weight_decay=weight_decay)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        generator = torch.Generator().manual_seed(seed)
-        mlp.train(batchnorm_mode == "batch")
-        for index in shuffled_batches(source.shape[0], batch_size, steps, generator):
+    if o.steps > 0:
+        optimizer = torch.optim.Adam(mlp.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=o.steps)
+        generator = torch.Generator().manual_seed(o.seed)
+        mlp.train(o.batchnorm_mode == "batch")
+        for index in shuffled_batches(source.shape[0], o.batch_size, o.steps, generator):
             index = index.to(device)
-            term = loss_weight * forward_loss(mlp(source[index]), target[index], loss)
+            term = o.loss_weight * forward_loss(mlp(source[index]), target[index], o.loss)
             optimizer.zero_grad(set_to_none=True)
             term.backward()
             optimizer.step()
             scheduler.step()
             history["transfer"].append(float(term.detach()))
     mlp.eval().requires_grad_(False)
-    if batchnorm_mode == "batch" and steps > 0:
+    if o.batchnorm_mode == "batch" and o.steps > 0:
         recalibrate_batchnorm(mlp, source)
     facts: dict[str, Any] = {
-        "layers": [mlp.in_dim, *(int(h) for h in hidden_dims), mlp.out_dim],
-        "activation": activation,
-        "batch_norm": batch_norm,
-        "batchnorm_mode": batchnorm_mode,
-        "loss": loss,
-        "steps": int(steps),
+        "layers": [mlp.in_dim, *o.hidden_dims, mlp.out_dim],
+        "activation": o.activation,
+        "batch_norm": o.batch_norm,
+        "batchnorm_mode": o.batchnorm_mode,
+        "loss": o.loss,
+        "steps": o.steps,
         "train_alignment": {"raw": mean_cosine(source, target), "fitted": mean_cosine(source, target, mlp)},
         "fit_seconds": round(time.perf_counter() - started, 3),
     }
@@ -315,26 +339,12 @@ class FCT(PostHocMapMethod):
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
                          classifier_input=classifier_input)
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown fct activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
-        if batchnorm_mode not in BATCHNORM_MODES:
-            raise ConfigError(f"unknown fct batchnorm_mode {batchnorm_mode!r}; known: {', '.join(BATCHNORM_MODES)}")
-        if loss not in LOSSES:
-            raise ConfigError(f"unknown fct loss {loss!r}; known: {', '.join(LOSSES)}")
         self.side_info_version = side_info_version
         self.side: LoadedVersion | None = None
-        self.fit_options: dict[str, Any] = dict(
-            hidden_dims=tuple(int(h) for h in hidden_dims),
-            activation=activation,
-            batch_norm=bool(batch_norm),
-            batchnorm_mode=batchnorm_mode,
-            loss=loss,
-            loss_weight=float(loss_weight),
-            steps=int(fit_steps),
-            batch_size=int(fit_batch_size),
-            lr=float(fit_lr),
-            weight_decay=float(fit_weight_decay),
-            seed=int(seed),
+        self.options = ForwardMapOptions(
+            hidden_dims=hidden_dims, activation=activation, batch_norm=batch_norm, batchnorm_mode=batchnorm_mode, loss=loss,
+            loss_weight=loss_weight, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, weight_decay=fit_weight_decay,
+            seed=seed,
         )
         self.fit_result: ForwardFit | None = None
 
@@ -354,10 +364,11 @@ class FCT(PostHocMapMethod):
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit h on the cached training features; returns the facts for the manifest."""
         source, target = self.map_inputs(ctx)
-        self.fit_result = fit_forward_map(source, target, device=ctx.device, **self.fit_options)
+        self.fit_result = fit_forward_map(source, target, self.options, device=ctx.device)
         facts = {**self.fit_result.facts, **self.source_facts()}
         if self.side is not None:
-            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version), "dim": self.side.embed_dim}
+            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version),
+                                  "dim": self.side.embed_dim}
         return {"fct": facts}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:

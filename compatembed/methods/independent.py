@@ -10,7 +10,6 @@ from compatembed.errors import ConfigError
 from compatembed.methods.base import Method
 from compatembed.models.heads import Classifier
 
-
 CLASSIFIER_INPUTS: tuple[str, ...] = ("raw", "normalized")
 """What a new model's own classifier reads: the raw projection, or the L2-normalised feature (the OCA/BT² code)."""
 
@@ -32,7 +31,7 @@ def classification_step(
     """Independent's training step on one batch: ``{"ce": ...}`` and the batch accuracy ``{"acc": ...}``.
 
     Shared with the methods that train their new model in the run exactly like ``Independent``
-    (:class:`compatembed.methods.maps.PostHocMapMethod`), so the two cannot drift apart.
+    (:class:`compatembed.methods.post_hoc.PostHocMapMethod`), so the two cannot drift apart.
 
     Args:
         classifier: the linear classifier on the embedding.

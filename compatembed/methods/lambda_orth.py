@@ -3,9 +3,10 @@
 The new model is trained independently in the run (cross-entropy, like ``Independent``) or adopted from
 ``new_version``, so it keeps its own space and its new/new accuracy. In ``finalize`` an affine map
 ``B(x) = W x + b`` from the new space to the old one is fitted on the training set's un-augmented
-features of both models (:func:`compatembed.methods.maps.fit_lambda_orthogonal`): start from the
-Procrustes solution, minimise ``1 − cos(B(x_new), x_old)`` plus ``μ · max(0, dev(W) − λ)²``. λ = 0 keeps
-W exactly orthogonal (the geometry of the new space is preserved); λ = ∞ is the free least-squares map.
+features of both models (:func:`fit_lambda_orthogonal`): start from the Procrustes solution, minimise
+``1 − cos(B(x_new), x_old)`` plus ``μ · max(0, dev(W) − λ)²``. λ = 0 keeps W exactly orthogonal (the
+geometry of the new space is preserved); λ = ∞ is the free least-squares map. The closed-form ends, the
+deviation measures and the map module are in :mod:`compatembed.methods.maps`.
 
 The deployed embedding is the new model, unchanged. The manifest gets an ``affine`` edge to the old
 version (``weight`` (d_old, d_new), ``bias`` (d_old,), output normalised), so a new query is mapped
@@ -19,26 +20,305 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.maps import (
     DEVIATIONS,
-    OBJECTIVES,
-    ORTHOGONAL_MAPS,
-    LambdaOrthFit,
-    PostHocMapMethod,
-    parse_tolerance,
-    fit_lambda_orthogonal,
+    AffineMap,
+    centring_means,
+    first_last_means,
+    gram_deviation,
+    least_squares_affine,
+    mean_cosine,
+    orthogonality_penalty,
+    procrustes,
+    shuffled_batches,
+    spectral_deviation,
 )
+from compatembed.methods.post_hoc import PostHocMapMethod
+from compatembed.models.orthogonal import ORTHOGONAL_MAPS
 from compatembed.models.version import CompatibilityEdge
 
 _logger = logging.getLogger(__name__)
 
+OBJECTIVES = ("cosine", "mse")
+"""Alignment objectives: ``cosine`` = mean 1 − cos(B(x), y); ``mse`` = mean ‖B(x) − y‖²."""
 
+
+# -- loss terms ---------------------------------------------------------------------------------
+def alignment_loss(mapped: torch.Tensor, target: torch.Tensor, objective: str = "cosine") -> torch.Tensor:
+    """Mean ``1 − cos(mapped_i, target_i)`` (``cosine``) or mean ``‖mapped_i − target_i‖²`` (``mse``)."""
+    if objective == "cosine":
+        return (1 - F.cosine_similarity(mapped, target.to(mapped.dtype), dim=1)).mean()
+    if objective == "mse":
+        return (mapped - target.to(mapped.dtype)).square().sum(1).mean()
+    raise ConfigError(f"unknown alignment objective {objective!r}; known: {', '.join(OBJECTIVES)}")
+
+
+def cross_supervised_contrastive(
+    mapped: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised contrastive loss from mapped new vectors (anchors) to old vectors of the batch.
+
+    For anchor i, the positives are the old vectors of the batch with label y_i (its own pair
+    included); ``−mean_{p ∈ P(i)} log softmax_j(cos(B(x_i), y_j) / τ)[p]``, averaged over anchors.
+
+    Args:
+        mapped: (B, d) mapped new vectors (normalised here).
+        target: (B, d) old vectors of the same items.
+        labels: (B,) class ids.
+        temperature: τ > 0.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"supervised contrastive temperature must be > 0, got {temperature}")
+    logits = F.normalize(mapped, dim=1) @ F.normalize(target.to(mapped.dtype), dim=1).mT / temperature
+    positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    log_prob = logits.log_softmax(dim=1)
+    return -((log_prob * positives).sum(1) / positives.sum(1)).mean()
+
+
+# -- λ-orthogonal fit ---------------------------------------------------------------------------
+@dataclass
+class LambdaOrthFit:
+    """A fitted λ-orthogonal map and what the fit measured.
+
+    Attributes:
+        map: the fitted :class:`AffineMap` (eval mode, float64).
+        tolerance: λ (``math.inf`` for the free affine end).
+        history: per-step values of each weighted loss term (``align``, ``orth``, ``supcon``).
+        facts: JSON-ready summary (λ, spectrum, deviation, train alignment before/after, ...).
+    """
+
+    map: AffineMap
+    tolerance: float
+    history: dict[str, list[float]] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_tolerance(value: float | str | None) -> float:
+    """λ from config: a float >= 0, or None / "inf" for ∞."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "none", "null")):
+        return math.inf
+    tol = float(value)
+    if tol < 0 or math.isnan(tol):
+        raise ConfigError(f"lambda_orth tolerance (λ) must be >= 0 or null (∞), got {value!r}")
+    return tol
+
+
+@dataclass(frozen=True)
+class LambdaOrthOptions:
+    """The options of the λ-orthogonal fit, checked once (``method=lambda_orth`` builds them from its keys).
+
+    Attributes:
+        tolerance: λ >= 0, or None / ``"inf"`` for ∞ (stored as a float, ``math.inf`` for ∞).
+        penalty_weight: μ, the weight of the squared hinge.
+        deviation: ``gram`` (‖G − I‖_F) or ``spectral`` (singular values outside [1 − λ, 1 + λ]).
+        bias: learn a free bias b (off by default: a shared offset added to every query erodes ranking).
+        center: centre both feature sets (Procrustes / least squares on centred data); the exported
+            bias then holds ``μ_out − W μ_in``.
+        objective: ``cosine`` (1 − cos) or ``mse`` for the alignment term.
+        alignment_weight: weight of the alignment term.
+        supcon_weight: weight of the supervised contrastive term (0: off).
+        temperature: τ of the supervised contrastive term.
+        orthogonal_map: parametrisation used at λ = 0 (see :data:`compatembed.models.orthogonal.ORTHOGONAL_MAPS`).
+        steps / batch_size / lr: Adam on mini-batches (cosine-annealed learning rate).
+        seed: seeds the batch order.
+
+    Raises:
+        ConfigError: a negative λ or an unknown deviation, objective or orthogonal map.
+    """
+
+    tolerance: float | str | None = 1.0
+    penalty_weight: float = 10.0
+    deviation: str = "gram"
+    bias: bool = False
+    center: bool = False
+    objective: str = "cosine"
+    alignment_weight: float = 1.0
+    supcon_weight: float = 0.0
+    temperature: float = 0.1
+    orthogonal_map: str = "matrix_exp"
+    steps: int = 2000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for key, known in (("deviation", DEVIATIONS), ("objective", OBJECTIVES), ("orthogonal_map", ORTHOGONAL_MAPS)):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"unknown lambda_orth {key} {getattr(self, key)!r}; known: {', '.join(known)}")
+        typed = {"tolerance": parse_tolerance(self.tolerance), "bias": bool(self.bias), "center": bool(self.center),
+                 **{k: float(getattr(self, k))
+                    for k in ("penalty_weight", "alignment_weight", "supcon_weight", "temperature", "lr")},
+                 **{k: int(getattr(self, k)) for k in ("steps", "batch_size", "seed")}}
+        for key, value in typed.items():
+            object.__setattr__(self, key, value)
+
+
+def fit_lambda_orthogonal(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    options: LambdaOrthOptions | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> LambdaOrthFit:
+    """Fit ``B(x) = W x + b`` from the new space (x) to the old space (y) with tolerance λ on W's orthogonality.
+
+    * λ = 0: W stays exactly (semi-)orthogonal through the orthogonal parametrisation, initialised at the
+      Procrustes solution; Adam then minimises the alignment (``steps = 0`` returns Procrustes itself).
+    * 0 < λ < ∞: W is free, initialised at Procrustes; Adam minimises
+      ``alignment_weight·align + penalty_weight·max(0, dev(W) − λ)² + supcon_weight·supcon``.
+    * λ = ∞ (``None``): the closed-form least-squares map (the other end; no iterative terms).
+
+    Args:
+        x: (N, d_in) new-model features of the training items (L2-normalised).
+        y: (N, d_out) old-model features of the same items (L2-normalised).
+        labels: (N,) class ids; needed only when ``supcon_weight > 0``.
+        options: the fit's options (default: :class:`LambdaOrthOptions` ``()``).
+        device: where the fit runs.
+
+    Returns:
+        A :class:`LambdaOrthFit`.
+    """
+    o = options if options is not None else LambdaOrthOptions()
+    tol = float(o.tolerance)  # type: ignore[arg-type]  # parsed by LambdaOrthOptions
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise ConfigError(f"map fit needs paired (N, d) features with N >= 2, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if o.supcon_weight > 0 and labels is None:
+        raise ConfigError("lambda_orth supcon_weight > 0 needs the training labels")
+    device = torch.device(device)
+    started = time.perf_counter()
+    x, y = x.to(device), y.to(device)
+    x64, y64 = x.double(), y.double()  # the closed forms and the map run in float64
+    mx, my = centring_means(x64, y64, o.center)
+    w0, _ = procrustes(x64, y64, center=o.center)
+    d_in, d_out = x.shape[1], y.shape[1]
+
+    history: dict[str, list[float]] = {}
+    if math.isinf(tol):
+        weight, b = least_squares_affine(x64 - mx, y64 - my, bias=o.bias)
+        fitted = AffineMap(d_in, d_out, bias=o.bias, in_mean=mx.cpu(), out_mean=my.cpu())
+        fitted.set_weight(weight)
+        if fitted.bias is not None:
+            with torch.no_grad():
+                fitted.bias.copy_(b)
+        fitted.to(device)
+        if o.supcon_weight > 0:
+            _logger.warning("lambda_orth: λ = ∞ is the closed-form least-squares map; supcon_weight is not used")
+    else:
+        fitted = AffineMap(
+            d_in, d_out, orthogonal_weight=tol == 0, orthogonal_map=o.orthogonal_map, bias=o.bias, in_mean=mx.cpu(),
+            out_mean=my.cpu(),
+        )
+        fitted.set_weight(w0.cpu())  # on the CPU: a non-square orthogonal W is completed with seeded CPU noise
+        fitted.to(device)
+        history = _optimise(fitted, x, y, labels.to(device) if labels is not None else None, o)
+    fitted.eval().requires_grad_(False)
+
+    with torch.no_grad():
+        weight = fitted.weight.detach()
+        sv = torch.linalg.svdvals(weight).cpu().numpy()
+        facts: dict[str, Any] = {
+            "tolerance": None if math.isinf(tol) else tol,
+            "penalty_weight": o.penalty_weight,
+            "deviation_measure": o.deviation,
+            "bias": o.bias,
+            "center": o.center,
+            "objective": o.objective,
+            "orthogonal_map": o.orthogonal_map if tol == 0 else None,
+            "fit": "least_squares" if math.isinf(tol) else ("orthogonal" if tol == 0 else "relaxed_orthogonal"),
+            "steps": 0 if math.isinf(tol) else o.steps,
+            "singular_values": {"min": float(sv.min()), "max": float(sv.max()), "values": [round(float(s), 6) for s in sv]},
+            "gram_deviation": float(gram_deviation(weight)),
+            "spectral_deviation": float(spectral_deviation(weight)),
+            "train_alignment": {
+                "raw": mean_cosine(x, y),
+                "procrustes": mean_cosine(x64, y64, lambda a: (a - mx) @ w0.mT + my),
+                "fitted": mean_cosine(x, y, fitted),
+            },
+            "fit_seconds": round(time.perf_counter() - started, 3),
+        }
+    if history:
+        first, last = first_last_means(history, max(1, min(50, len(next(iter(history.values()))) // 10)))
+        facts["loss_first"], facts["loss_last"] = first, last
+    _logger.info(
+        "λ-orthogonal map (λ=%s): ‖G−I‖_F %.4f, σ in [%.3f, %.3f], train cos %.4f → %.4f",
+        facts["tolerance"], facts["gram_deviation"], sv.min(), sv.max(),
+        facts["train_alignment"]["procrustes"], facts["train_alignment"]["fitted"],
+    )
+    return LambdaOrthFit(map=fitted, tolerance=tol, history=history, facts=facts)
+
+
+def lambda_orth_terms(
+    fitted: AffineMap, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, options: LambdaOrthOptions
+) -> dict[str, torch.Tensor]:
+    """The weighted loss terms of the λ-orthogonal fit on one batch (summed by the caller).
+
+    Args:
+        fitted: the map being fitted.
+        x: (B, d_in) new features; y: (B, d_out) old features; labels: (B,) (for ``supcon``).
+        options: the hinge ``penalty_weight · max(0, dev(W) − λ)²`` (omitted at λ = 0, where W is
+            orthogonal by construction), the alignment term (``objective``, ``alignment_weight``) and the
+            supervised contrastive term (``supcon_weight``, ``temperature``; omitted at weight 0).
+
+    Returns:
+        ``{"align": ..., "orth": ..., "supcon": ...}`` (scalars, each already multiplied by its weight).
+    """
+    o = options
+    tolerance = float(o.tolerance)  # type: ignore[arg-type]
+    with parametrize.cached():
+        mapped = fitted(x)
+        terms = {"align": o.alignment_weight * alignment_loss(mapped, y, o.objective)}
+        if tolerance > 0:
+            terms["orth"] = o.penalty_weight * orthogonality_penalty(fitted.weight, tolerance, o.deviation)
+        if o.supcon_weight > 0:
+            if labels is None:
+                raise ConfigError("lambda_orth supcon_weight > 0 needs the training labels")
+            terms["supcon"] = o.supcon_weight * cross_supervised_contrastive(mapped, y, labels, o.temperature)
+    return terms
+
+
+def _optimise(
+    fitted: AffineMap, x: torch.Tensor, y: torch.Tensor, labels: torch.Tensor | None, options: LambdaOrthOptions
+) -> dict[str, list[float]]:
+    """Adam on the map's parameters; returns per-step values of each weighted term."""
+    history: dict[str, list[float]] = {"align": []}
+    if float(options.tolerance) > 0:  # type: ignore[arg-type]
+        history["orth"] = []
+    if options.supcon_weight > 0:
+        history["supcon"] = []
+    if options.steps <= 0:
+        return {}
+    params = [p for p in fitted.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=options.lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=options.steps)
+    generator = torch.Generator().manual_seed(options.seed)
+    fitted.train()
+    for index in shuffled_batches(x.shape[0], options.batch_size, options.steps, generator):
+        index = index.to(x.device)
+        xb, yb = x[index], y[index]
+        terms = lambda_orth_terms(fitted, xb, yb, labels[index] if labels is not None else None, options)
+        loss = torch.stack(list(terms.values())).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in terms.items():
+            history[name].append(float(value.detach()))
+    return history
+
+
+# -- the method ---------------------------------------------------------------------------------
 class LambdaOrth(PostHocMapMethod):
     """An independently trained (or adopted) new model plus a λ-orthogonal affine map to the old space.
 
@@ -92,37 +372,19 @@ class LambdaOrth(PostHocMapMethod):
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
                          classifier_input=classifier_input)
-        for key, value, known in (
-            ("deviation", deviation, DEVIATIONS),
-            ("objective", objective, OBJECTIVES),
-            ("orthogonal_map", orthogonal_map, ORTHOGONAL_MAPS),
-        ):
-            if value not in known:
-                raise ConfigError(f"unknown lambda_orth {key} {value!r}; known: {', '.join(known)}")
-        self.tolerance = parse_tolerance(tolerance)
-        self.fit_options: dict[str, Any] = dict(
-            tolerance=self.tolerance,
-            penalty_weight=float(penalty_weight),
-            deviation=deviation,
-            bias=bool(bias),
-            center=bool(center),
-            objective=objective,
-            alignment_weight=float(alignment_weight),
-            supcon_weight=float(supcon_weight),
-            temperature=float(temperature),
-            orthogonal_map=orthogonal_map,
-            steps=int(fit_steps),
-            batch_size=int(fit_batch_size),
-            lr=float(fit_lr),
-            seed=int(seed),
+        self.options = LambdaOrthOptions(
+            tolerance=tolerance, penalty_weight=penalty_weight, deviation=deviation, bias=bias, center=center,
+            objective=objective, alignment_weight=alignment_weight, supcon_weight=supcon_weight, temperature=temperature,
+            orthogonal_map=orthogonal_map, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, seed=seed,
         )
+        self.tolerance = float(self.options.tolerance)  # type: ignore[arg-type]
         self.fit_result: LambdaOrthFit | None = None
 
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit the map on the cached training features; returns the facts for the manifest."""
         x_new, x_old = self.train_features(ctx)
-        labels = self.train_labels(ctx) if self.fit_options["supcon_weight"] > 0 else None
-        self.fit_result = fit_lambda_orthogonal(x_new, x_old, labels, device=ctx.device, **self.fit_options)
+        labels = ctx.labels() if self.options.supcon_weight > 0 else None
+        self.fit_result = fit_lambda_orthogonal(x_new, x_old, labels, self.options, device=ctx.device)
         return {"lambda_orth": {**self.fit_result.facts, **self.source_facts()}}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:
@@ -139,4 +401,5 @@ class LambdaOrth(PostHocMapMethod):
             "singular_values_min": facts["singular_values"]["min"],
             "singular_values_max": facts["singular_values"]["max"],
         }
-        return [CompatibilityEdge("affine", self.old.version_id, arrays={"weight": weight, "bias": bias}, normalize_output=True, info=info)]
+        arrays = {"weight": weight, "bias": bias}
+        return [CompatibilityEdge("affine", self.old.version_id, arrays=arrays, normalize_output=True, info=info)]

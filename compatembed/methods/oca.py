@@ -22,43 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrizations
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import Method, MethodContext
 from compatembed.methods.bct import old_prototypes
 from compatembed.models.heads import Classifier
+from compatembed.models.orthogonal import orthogonal_linear, orthogonality_error
 from compatembed.models.version import CompatibilityEdge
 
 _logger = logging.getLogger(__name__)
-
-ORTHOGONAL_MAPS = ("matrix_exp", "cayley", "householder")
-
-
-def orthogonal_linear(dim: int, *, bias: bool = True, orthogonal_map: str = "matrix_exp") -> nn.Linear:
-    """A ``dim × dim`` linear layer whose weight stays exactly orthogonal through optimiser steps.
-
-    Args:
-        dim: input and output width.
-        bias: add a learnable bias (OCA's transformation layer has one).
-        orthogonal_map: how ``torch.nn.utils.parametrizations.orthogonal`` maps free parameters to
-            orthogonal matrices: ``matrix_exp`` (PyTorch's default for square matrices), ``cayley``
-            or ``householder``.
-
-    Raises:
-        ConfigError: unknown ``orthogonal_map`` or a non-positive ``dim``.
-    """
-    if orthogonal_map not in ORTHOGONAL_MAPS:
-        raise ConfigError(f"unknown orthogonal_map={orthogonal_map!r}; use one of {', '.join(ORTHOGONAL_MAPS)}")
-    if dim < 1:
-        raise ConfigError(f"an orthogonal layer needs a positive width, got {dim}")
-    return parametrizations.orthogonal(nn.Linear(dim, dim, bias=bias), orthogonal_map=orthogonal_map)
-
-
-def orthogonality_error(weight: torch.Tensor) -> float:
-    """‖WᵀW − I‖_F of a square matrix (0 for an orthogonal one), computed in float64."""
-    w = weight.detach().double()
-    return float(torch.linalg.matrix_norm(w.T @ w - torch.eye(w.shape[1], dtype=w.dtype, device=w.device)))
 
 
 class OCA(Method):

@@ -20,7 +20,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -112,22 +112,27 @@ def validate_manifest(manifest: Any, where: str) -> dict[str, Any]:
             and 0 < emb["dim"] <= 1 << 20, where, "embedding.dim must be a positive integer")
     _expect(isinstance(emb.get("normalized"), bool), where, "embedding.normalized must be true or false")
     _expect(isinstance(manifest["preprocessing"], dict), where, "preprocessing must be a mapping")
-    _expect(isinstance(manifest["model"], dict) and "_target_" in manifest["model"], where, "model must be a config with a _target_")
+    _expect(isinstance(manifest["model"], dict) and "_target_" in manifest["model"], where,
+            "model must be a config with a _target_")
     check_model_config(manifest["model"], f"{where}: model")
     files = manifest["files"]
     _expect(isinstance(files, dict) and WEIGHTS in files, where, f"files must list the sha256 of {WEIGHTS}")
     for name, digest in files.items():
         _expect(isinstance(name, str) and not name.startswith("/") and ".." not in Path(name).parts, where,
                 f"file name {name!r} must be a relative path inside the version directory")
-        _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, where, f"files[{name!r}] is not a sha256 hex digest")
+        _expect(isinstance(digest, str) and _SHA256.fullmatch(digest) is not None, where,
+                f"files[{name!r}] is not a sha256 hex digest")
     parent = manifest.get("parent")
-    _expect(parent is None or (isinstance(parent, str) and _VERSION_ID.fullmatch(parent) is not None), where, f"parent {parent!r} is not a version id")
+    _expect(parent is None or (isinstance(parent, str) and _VERSION_ID.fullmatch(parent) is not None), where,
+            f"parent {parent!r} is not a version id")
     edges = manifest.get("compatibility", [])
     _expect(isinstance(edges, list), where, "compatibility must be a list")
     for i, edge in enumerate(edges):
-        _expect(isinstance(edge, dict) and edge.get("kind") in EDGE_KINDS, where, f"compatibility[{i}].kind must be one of {EDGE_KINDS}")
+        _expect(isinstance(edge, dict) and edge.get("kind") in EDGE_KINDS, where,
+                f"compatibility[{i}].kind must be one of {EDGE_KINDS}")
         other = edge.get("source" if edge["kind"] == "forward" else "target")
-        _expect(isinstance(other, str) and _VERSION_ID.fullmatch(other) is not None, where, f"compatibility[{i}] names no valid version")
+        _expect(isinstance(other, str) and _VERSION_ID.fullmatch(other) is not None, where,
+                f"compatibility[{i}] names no valid version")
         if edge["kind"] == "prefix":
             _expect(isinstance(edge.get("dim"), int) and 0 < edge["dim"] <= emb["dim"], where,
                     f"compatibility[{i}].dim must be in 1..{emb['dim']}")
@@ -343,6 +348,29 @@ def load_manifest(version_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return validate_manifest(manifest, str(manifest_path))
 
 
+def ancestor_dirs(version_dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """The given version directories plus every ancestor training recorded (routes compose through them)."""
+    seen: dict[str, Path] = {}
+    pending = [Path(d) for d in version_dirs]
+    while pending:
+        directory = pending.pop(0)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            raise ManifestError(f"{directory}: not a model version directory (no {MANIFEST})")
+        manifest = json.loads(manifest_path.read_text())
+        vid = str(manifest.get("version_id"))
+        if vid in seen:
+            continue
+        seen[vid] = directory
+        recorded = manifest.get("training", {}).get("old_version_dir")
+        if recorded:
+            for candidate in (Path(recorded), directory.parent / Path(recorded).name):
+                if (candidate / MANIFEST).is_file():
+                    pending.append(candidate)
+                    break
+    return list(seen.values())
+
+
 def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path:
     path = version_dir / name
     expected = manifest["files"].get(name)
@@ -359,7 +387,9 @@ def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path
     return path
 
 
-def load_edge_arrays(version_dir: str | os.PathLike[str], manifest: dict[str, Any], edge: dict[str, Any]) -> dict[str, np.ndarray]:
+def load_edge_arrays(
+    version_dir: str | os.PathLike[str], manifest: dict[str, Any], edge: dict[str, Any]
+) -> dict[str, np.ndarray]:
     """Load and verify the ``.npz`` arrays of an ``affine`` or ``forward`` edge."""
     if "file" not in edge:
         return {}

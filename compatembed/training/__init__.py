@@ -1,7 +1,7 @@
 """The one training loop shared by every method, its schedules and metric loggers."""
 
 from compatembed.training.loggers import CSVLogger, MetricLogger, NullLogger, WandbLogger
-from compatembed.training.loop import TrainerConfig, fit, resolve_device
+from compatembed.training.loop import TrainerConfig, fit
 from compatembed.training.schedules import constant, warmup_cosine
 
 __all__ = [
@@ -12,6 +12,5 @@ __all__ = [
     "WandbLogger",
     "constant",
     "fit",
-    "resolve_device",
     "warmup_cosine",
 ]

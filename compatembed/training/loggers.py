@@ -35,38 +35,48 @@ class NullLogger(MetricLogger):
 
 
 class CSVLogger(MetricLogger):
-    """Appends rows ``step, key1, key2, ...`` to ``<run_dir>/<filename>``; columns grow as keys appear."""
+    """Appends rows ``step, key1, key2, ...`` to ``<run_dir>/<filename>``; columns grow as keys appear.
+
+    A call appends one line. Only a key the file has no column for makes it rewrite the file (atomically,
+    with the wider header; earlier rows get empty cells), so logging costs the same late in a long run as
+    early. A resumed run keeps the rows already in the file.
+    """
 
     def __init__(self, filename: str = "metrics.csv") -> None:
         self.filename = filename
         self.path: Path | None = None
-        self._rows: list[dict[str, Any]] = []
         self._columns: list[str] = ["step"]
 
     def start(self, run_dir: Path, config: dict[str, Any]) -> None:
         self.path = Path(run_dir) / self.filename
-        if self.path.is_file():  # resumed run: keep earlier rows
+        if self.path.is_file():  # resumed run: keep earlier rows, and their columns
             with open(self.path, newline="") as handle:
-                reader = csv.DictReader(handle)
-                self._columns = list(reader.fieldnames or ["step"])
-                self._rows = list(reader)
+                self._columns = list(csv.DictReader(handle).fieldnames or ["step"])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, **metrics}
-        for key in row:
-            if key not in self._columns:
-                self._columns.append(key)
-        self._rows.append(row)
-        self._flush()
-
-    def _flush(self) -> None:
+        new = [key for key in row if key not in self._columns]
+        self._columns += new
         if self.path is None:
             return
+        if new or not self.path.is_file():
+            self._rewrite(row)
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, fieldnames=self._columns).writerow(row)
+
+    def _rewrite(self, row: dict[str, Any]) -> None:
+        """The file with the current columns: its earlier rows, then ``row``."""
+        assert self.path is not None
+        rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                rows = list(csv.DictReader(handle))
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self._columns)
             writer.writeheader()
-            writer.writerows(self._rows)
+            writer.writerows([*rows, row])
         os.replace(tmp, self.path)
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from compatembed.errors import ConfigError
-from compatembed.hardware import set_torch_threads
+from compatembed.hardware import resolve_device, set_torch_threads
 from compatembed.methods.base import Method
 from compatembed.training.loggers import MetricLogger
 
@@ -59,16 +59,6 @@ class TrainerConfig:
     progress: bool = True
     num_threads: Any = "auto"
     channels_last: bool = True
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available else CPU; a CUDA device on a host without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but no CUDA device is available; use trainer.device=cpu or auto")
-    return device
 
 
 def _autocast(device: torch.device, precision: str) -> tuple[torch.dtype | None, bool]:

@@ -134,7 +134,8 @@ def test_corrupt_image_raises_data_error_naming_shard_and_key(shards, tmp_path: 
     pattern, classes, written = shards
     key, data, label = written[0]
     bad = tmp_path / "bad-000000.tar"
-    _write_shard(bad, [{"__key__": "good", "png": written[1][1], "cls": 0}, {"__key__": "broken", "png": data[:40], "cls": label}])
+    _write_shard(bad, [{"__key__": "good", "png": written[1][1], "cls": 0},
+                       {"__key__": "broken", "png": data[:40], "cls": label}])
     ds = WebDatasetShards(str(bad), classes)  # indexing reads headers and labels only
     assert len(ds) == 2
     with pytest.raises(DataError, match=r"bad-000000\.tar:broken\.png"):
@@ -147,7 +148,8 @@ def test_corrupt_image_raises_data_error_naming_shard_and_key(shards, tmp_path: 
 
 @pytest.mark.parametrize(
     ("sample", "message"),
-    [({"__key__": "lonely", "png": b"x"}, r"'lonely'.*no label"), ({"__key__": "blind", "cls": 1, "txt": "x"}, r"'blind'.*no image")],
+    [({"__key__": "lonely", "png": b"x"}, r"'lonely'.*no label"),
+     ({"__key__": "blind", "cls": 1, "txt": "x"}, r"'blind'.*no image")],
 )
 def test_sample_without_label_or_image_is_named(tmp_path: Path, sample: dict, message: str) -> None:
     shard = tmp_path / "odd-000000.tar"

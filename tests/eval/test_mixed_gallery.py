@@ -17,12 +17,15 @@ from sklearn.metrics import average_precision_score
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
 from compatembed.eval.matrix import compute_matrix
-from compatembed.eval.mixed_gallery import MixedGallery, ancestor_dirs, split_gallery
+from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
+from compatembed.models.version import ancestor_dirs
 
 G, CLASSES = 48, 4
 
 
-def write_version(root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None, parent: Path | None = None) -> Path:
+def write_version(
+    root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None, parent: Path | None = None
+) -> Path:
     """A model version directory as training writes it for the service (no weights)."""
     vdir = root / vid
     (vdir / "transforms").mkdir(parents=True)

@@ -138,7 +138,8 @@ def test_hand_worked_tie_is_pessimistic_for_topk_and_a_single_step_for_ap(backen
     query = np.array([[1.0, 0.0]])
     gallery = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # two items tied at cos 1 (b, a), one at 0 (a)
     for order in ([0, 1, 2], [1, 0, 2], [2, 1, 0]):
-        out = retrieval_metrics(query, ["a"], gallery[order], np.array(["b", "a", "a"])[order], topk=(1, 2), allow_label_mismatch=True, backend=backend)
+        out = retrieval_metrics(query, ["a"], gallery[order], np.array(["b", "a", "a"])[order], topk=(1, 2),
+                                allow_label_mismatch=True, backend=backend)
         assert out["top1"] == 0.0 and out["top2"] == 1.0
         assert out["mAP"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # precision 1/2 after the tie, 2/3 after rank 3
         assert out["mAP@R"] == pytest.approx((1 / 2) / 2)
@@ -192,7 +193,8 @@ def test_unequal_dimensions_truncate_and_renormalise_both_sides():
     ql, gl = rng.integers(0, 3, size=25), np.arange(60) % 3
     by_hand = per_query_metrics(unit(q[:, :7]), ql, unit(g), gl, topk=TOPK)
     assert_per_query_equal(per_query_metrics(q, ql, g, gl, topk=TOPK), by_hand)
-    assert_per_query_equal(per_query_metrics(g, gl, q, ql, topk=TOPK), per_query_metrics(unit(g), gl, unit(q[:, :7]), ql, topk=TOPK))
+    assert_per_query_equal(per_query_metrics(g, gl, q, ql, topk=TOPK),
+                           per_query_metrics(unit(g), gl, unit(q[:, :7]), ql, topk=TOPK))
 
 
 def test_unequal_dimensions_match_the_oracle_with_ties():
@@ -279,7 +281,9 @@ def test_scale_does_not_matter(tied_data):
 def test_values_are_fractions_and_keys_follow_topk(tied_data):
     q, ql, g, gl = tied_data
     out = retrieval_metrics(q, ql, g, gl, topk=(3, 1, 3))
-    assert tuple(out) == list_metrics((3, 1)) == ("top3", "top1", "mAP", "mAP@R", "R_precision", "num_queries", "num_queries_without_relevant")
+    assert tuple(out) == list_metrics((3, 1)) == (
+        "top3", "top1", "mAP", "mAP@R", "R_precision", "num_queries", "num_queries_without_relevant"
+    )
     assert all(0.0 <= out[key] <= 1.0 for key in ("top3", "top1", "mAP", "mAP@R", "R_precision"))
     assert isinstance(out["num_queries"], int) and all(isinstance(out[k], float) for k in ("top1", "mAP"))
     assert out["top1"] <= out["top3"]

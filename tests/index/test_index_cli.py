@@ -10,10 +10,11 @@ import textwrap
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from index_helpers import Chain
 
 from compatembed_index.cli import build_parser, main
 from compatembed_index.settings import IndexSettings
+
+from index_helpers import Chain
 
 
 def test_cli_end_to_end(tmp_path, capsys):

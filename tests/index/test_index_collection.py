@@ -6,7 +6,6 @@ import threading
 
 import numpy as np
 import pytest
-from index_helpers import Chain, assert_same_topk, normalize, oracle_topk, write_version
 
 from compatembed_index.api import IndexService
 from compatembed_index.errors import (
@@ -22,6 +21,8 @@ from compatembed_index.errors import (
     NoRouteError,
     VersionNotFoundError,
 )
+
+from index_helpers import Chain, assert_same_topk, normalize, oracle_topk, write_version
 
 SIZES = {"v1": (300, 16), "v2": (200, 24), "v3": (100, 32)}
 OFFSET = {"v1": 0, "v2": 10_000, "v3": 2**40}  # 64-bit ids

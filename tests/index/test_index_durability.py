@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from index_helpers import Chain
 
 from compatembed_index.api import IndexService
 from compatembed_index.errors import DataDirLockedError, ManifestError
 from compatembed_index.snapshot import list_snapshots
+
+from index_helpers import Chain
 
 HERE = Path(__file__).resolve().parent
 

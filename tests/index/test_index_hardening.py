@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from index_helpers import Chain, ServedApp, write_version
 from pydantic import ValidationError
 
 from compatembed_index.api import IndexService
@@ -28,6 +27,8 @@ from compatembed_index.errors import (
 from compatembed_index.registry import read_version_dir
 from compatembed_index.server import create_app
 from compatembed_index.settings import IndexSettings
+
+from index_helpers import Chain, ServedApp, write_version
 
 # New names (Limits, uvicorn_config, ...) are imported inside the tests that use them, so that this
 # module also runs against the code before these fixes and each test shows its own hole there.

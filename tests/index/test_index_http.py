@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from index_helpers import Chain, ServedApp
 
 from compatembed_index.api import IndexService
 from compatembed_index.client import IndexClient
 from compatembed_index.errors import DuplicateIdError, NoRouteError, UnauthorizedError
 from compatembed_index.server import create_app
 from compatembed_index.settings import IndexSettings
+
+from index_helpers import Chain, ServedApp
 
 KEY = "s3cret"
 LIMIT = 300_000

@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
-from index_helpers import Chain, mlp, normalize, write_version
 
 from compatembed_index.errors import ConflictError, ManifestError, VersionNotFoundError
 from compatembed_index.registry import VersionRegistry, _gelu, read_version_dir
+
+from index_helpers import Chain, mlp, normalize, write_version
 
 
 @pytest.fixture

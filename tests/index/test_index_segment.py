@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from index_helpers import normalize
 
 from compatembed_index.errors import ConfigError
 from compatembed_index.segment import Segment
+
+from index_helpers import normalize
 
 
 def _data(n=600, d=16, seed=0):

@@ -174,7 +174,7 @@ def _train_version(
 ) -> Path:
     """Train (or import, with ``trainer.epochs=0``) a version on the synthetic data with ``trainer=smoke``;
     its id is the folder name. ``cache_dir``: the feature cache (none by default)."""
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     cache = "null" if cache_dir is None else str(cache_dir)
     return train(compose_config("train", SMOKE + [

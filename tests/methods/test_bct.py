@@ -170,7 +170,7 @@ def test_config_errors(old_version: Path, new_model, synthetic_context) -> None:
 
 def test_train_export_and_eval_with_prefix(old_version: Path, tmp_path: Path, train_version, compose) -> None:
     """End to end: a 24-d new model whose first 16 dims face the old space; the old model is untouched."""
-    from compatembed.evaluate import evaluate
+    from compatembed.eval.pair_report import evaluate
 
     out = train_version(
         tmp_path / "bct",

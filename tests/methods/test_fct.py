@@ -16,7 +16,7 @@ from torch import nn
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.fct import FCT, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
+from compatembed.methods.fct import FCT, ForwardMapOptions, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
 from compatembed.models import EmbeddingModel, create_backbone
 from compatembed.models.version import load_model_version, module_sha256
 from helpers.configs import compose_config
@@ -112,7 +112,7 @@ def test_loss_functions_match_their_definitions():
 def test_linear_forward_map_converges_to_least_squares():
     x, y = paired_features()
     oracle = LinearRegression().fit(x.double().numpy(), y.double().numpy())
-    fit = fit_forward_map(x, y, hidden_dims=(), steps=600, batch_size=len(x), lr=3e-2)
+    fit = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(), steps=600, batch_size=len(x), lr=3e-2))
     arrays = fit.mlp.exported()
     np.testing.assert_allclose(arrays["w0"], oracle.coef_, atol=1e-3)
     np.testing.assert_allclose(arrays["b0"], oracle.intercept_, atol=1e-3)
@@ -120,14 +120,14 @@ def test_linear_forward_map_converges_to_least_squares():
 
 def test_loss_weight_scales_the_term():
     x, y = paired_features(n=64)
-    one = fit_forward_map(x, y, hidden_dims=(8,), steps=1, batch_size=64)
-    two = fit_forward_map(x, y, hidden_dims=(8,), steps=1, batch_size=64, loss_weight=2.0)
+    one = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), steps=1, batch_size=64))
+    two = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), steps=1, batch_size=64, loss_weight=2.0))
     assert two.history["transfer"][0] == pytest.approx(2 * one.history["transfer"][0], rel=1e-6)
 
 
 def test_batch_mode_recalibrates_running_statistics_exactly():
     x, y = paired_features()
-    fit = fit_forward_map(x, y, hidden_dims=(8,), steps=20, batch_size=32, lr=1e-2)
+    fit = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), steps=20, batch_size=32, lr=1e-2))
     mlp = fit.mlp
     z = mlp.linears[0](x).detach().double()
     torch.testing.assert_close(mlp.norms[0].running_mean.double(), z.mean(0), atol=1e-5, rtol=1e-5)
@@ -139,7 +139,7 @@ def test_batch_mode_recalibrates_running_statistics_exactly():
 
 def test_fixed_mode_fits_in_eval_mode_like_the_public_code():
     x, y = paired_features()
-    fit = fit_forward_map(x, y, hidden_dims=(8,), batchnorm_mode="fixed", steps=50, batch_size=32, lr=1e-2)
+    fit = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), batchnorm_mode="fixed", steps=50, batch_size=32, lr=1e-2))
     norm = fit.mlp.norms[0]
     torch.testing.assert_close(norm.running_mean, torch.zeros(8))
     torch.testing.assert_close(norm.running_var, torch.ones(8))
@@ -153,7 +153,8 @@ def test_unknown_options_are_config_errors():
                          ({"loss": "l1"}, "loss")):
         with pytest.raises(ConfigError, match=word):
             FCT(model, 10, old_version="x", **kwargs)
-    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"))
+    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="old_version"):
         FCT(model, 10).setup(ctx)
 
@@ -168,9 +169,10 @@ def fct_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictConfig:
 
 
 def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions, tmp_path):
-    from compatembed.evaluate import evaluate, load_or_extract
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
-    from compatembed.train import train
+    from compatembed.eval.pair_report import evaluate
+    from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "fct"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -198,7 +200,7 @@ def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions,
 
 def test_adopted_new_model_with_side_information(versions, tmp_path):
     """ψ = features of another frozen version; h's input is concat(old, ψ) and the edge says so."""
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "side", f"method.new_version={versions['new']}", "trainer.epochs=0",
                         f"method.side_info_version={versions['new']}"))
@@ -220,7 +222,8 @@ def test_experiments_compose_and_instantiate(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.fct.FCT"
     assert cfg.method.old_version.startswith("runs/")
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))
+    embed_dim = cfg.model.embed_dim  # null (the external scenario): the backbone's pooled feature
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=embed_dim and int(embed_dim))
     assert isinstance(instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes)), FCT)
 
 

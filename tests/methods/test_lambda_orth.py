@@ -17,15 +17,17 @@ from sklearn.linear_model import LinearRegression
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.lambda_orth import LambdaOrth
-from compatembed.methods.maps import (
-    DEVIATIONS,
-    ORTHOGONAL_MAPS,
-    AffineMap,
+from compatembed.methods.lambda_orth import (
+    LambdaOrth,
+    LambdaOrthOptions,
     cross_supervised_contrastive,
     fit_lambda_orthogonal,
-    gram_deviation,
     lambda_orth_terms,
+)
+from compatembed.methods.maps import (
+    DEVIATIONS,
+    AffineMap,
+    gram_deviation,
     least_squares_affine,
     orthogonality_deviation,
     orthogonality_penalty,
@@ -33,6 +35,7 @@ from compatembed.methods.maps import (
     spectral_deviation,
 )
 from compatembed.models import EmbeddingModel, create_backbone
+from compatembed.models.orthogonal import ORTHOGONAL_MAPS
 from compatembed.models.version import load_model_version, module_sha256
 from helpers.configs import compose_config
 
@@ -43,7 +46,9 @@ TINY = ["data=synthetic", "model=cifar_resnet20", "trainer=smoke", "logger=none"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def paired_features(n: int = 200, d_new: int = 6, d_old: int = 5, *, offset: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def paired_features(
+    n: int = 200, d_new: int = 6, d_old: int = 5, *, offset: float = 0.3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised (n, d_new) "new" and (n, d_old) "old" features related by a noisy affine map."""
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(n, d_new, generator=g), dim=1)
@@ -92,15 +97,15 @@ def test_hinge_is_flat_zero_inside_the_tolerance_and_positive_outside(measure):
 def test_negative_tolerance_and_unknown_options_are_config_errors():
     x, y = paired_features()
     with pytest.raises(ConfigError, match="tolerance"):
-        fit_lambda_orthogonal(x, y, tolerance=-0.5)
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=-0.5))
     with pytest.raises(ConfigError, match="deviation"):
-        fit_lambda_orthogonal(x, y, deviation="frobenius")
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(deviation="frobenius"))
     with pytest.raises(ConfigError, match="objective"):
-        fit_lambda_orthogonal(x, y, objective="l1")
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(objective="l1"))
     with pytest.raises(ConfigError, match="orthogonal_map"):
         AffineMap(4, 4, orthogonal_weight=True, orthogonal_map="qr")
     with pytest.raises(ConfigError, match="labels"):
-        fit_lambda_orthogonal(x, y, supcon_weight=1.0)
+        fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(supcon_weight=1.0))
 
 
 # -- the two closed-form ends ----------------------------------------------------------------------
@@ -128,7 +133,7 @@ def test_infinite_lambda_is_the_least_squares_map_of_sklearn(bias):
     w, b = least_squares_affine(x, y, bias=bias)
     np.testing.assert_allclose(w.numpy(), oracle.coef_, atol=1e-8)
     np.testing.assert_allclose(b.numpy(), oracle.intercept_ if bias else 0.0, atol=1e-8)
-    fit = fit_lambda_orthogonal(x, y, tolerance=None, bias=bias)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=None, bias=bias))
     weight, bias_out = fit.map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-6)
     np.testing.assert_allclose(bias_out, oracle.intercept_ if bias else 0.0, atol=1e-6)
@@ -142,7 +147,8 @@ def test_large_lambda_fit_converges_to_the_closed_form_least_squares_map(bias):
     x, y = paired_features()
     oracle = LinearRegression(fit_intercept=bias).fit(x.double().numpy(), y.double().numpy())
     assert float(gram_deviation(torch.from_numpy(oracle.coef_))) > 1.0  # far from orthogonal: a real test
-    fit = fit_lambda_orthogonal(x, y, tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2)
+    options = LambdaOrthOptions(tolerance=1e3, objective="mse", bias=bias, steps=500, batch_size=len(x), lr=3e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     weight, bias_out = fit.map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-4)
     np.testing.assert_allclose(bias_out, oracle.intercept_ if bias else 0.0, atol=1e-4)
@@ -151,7 +157,7 @@ def test_large_lambda_fit_converges_to_the_closed_form_least_squares_map(bias):
 def test_centering_without_bias_is_least_squares_with_an_intercept():
     x, y = paired_features()
     oracle = LinearRegression(fit_intercept=True).fit(x.double().numpy(), y.double().numpy())
-    weight, bias = fit_lambda_orthogonal(x, y, tolerance=None, center=True).map.exported()
+    weight, bias = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=None, center=True)).map.exported()
     np.testing.assert_allclose(weight, oracle.coef_, atol=1e-6)
     np.testing.assert_allclose(bias, oracle.intercept_, atol=1e-6)
 
@@ -161,7 +167,8 @@ def test_centering_without_bias_is_least_squares_with_an_intercept():
 @pytest.mark.parametrize("d_new, d_old", [(6, 6), (7, 4), (4, 7)])
 def test_zero_lambda_keeps_w_orthogonal_through_optimiser_steps(orthogonal_map, d_new, d_old):
     x, y = paired_features(d_new=d_new, d_old=d_old)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2)
+    options = LambdaOrthOptions(tolerance=0, bias=True, orthogonal_map=orthogonal_map, steps=60, batch_size=64, lr=2e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     start, _ = procrustes(x, y)
     w = fit.map.weight.detach()
     assert float(gram_deviation(w)) < 1e-5
@@ -174,7 +181,7 @@ def test_zero_lambda_keeps_w_orthogonal_through_optimiser_steps(orthogonal_map, 
 
 def test_zero_lambda_without_steps_is_exactly_procrustes():
     x, y = paired_features(d_new=6, d_old=4)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0, steps=0)
+    fit = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=0, steps=0))
     np.testing.assert_allclose(fit.map.exported()[0], procrustes(x, y)[0].numpy(), atol=1e-6)
 
 
@@ -184,7 +191,8 @@ def test_intermediate_lambda_stays_within_tolerance_and_uses_it(measure, toleran
     x, y = paired_features()
     free, _ = least_squares_affine(x, y, bias=False)
     assert float(orthogonality_deviation(free, measure)) > tolerance  # the constraint is active
-    fit = fit_lambda_orthogonal(x, y, tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2)
+    options = LambdaOrthOptions(tolerance=tolerance, deviation=measure, steps=400, batch_size=len(x), lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     w = fit.map.weight.detach()
     assert float(orthogonality_deviation(w, measure)) <= tolerance + 0.02
     assert float(orthogonality_deviation(w, measure)) >= 0.5 * tolerance  # the tolerance is spent, not ignored
@@ -196,12 +204,12 @@ def test_intermediate_lambda_stays_within_tolerance_and_uses_it(measure, toleran
 
 def test_bias_off_means_exactly_zero_bias_and_on_means_a_learned_one():
     x, y = paired_features(offset=0.6)
-    off = fit_lambda_orthogonal(x, y, tolerance=1.0, steps=50, batch_size=64, lr=1e-2)
+    off = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, steps=50, batch_size=64, lr=1e-2))
     assert off.map.bias is None
     assert np.all(off.map.exported()[1] == 0.0)
-    on = fit_lambda_orthogonal(x, y, tolerance=1.0, bias=True, steps=50, batch_size=64, lr=1e-2)
+    on = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, bias=True, steps=50, batch_size=64, lr=1e-2))
     assert np.abs(on.map.exported()[1]).max() > 1e-3
-    centred = fit_lambda_orthogonal(x, y, tolerance=1.0, center=True, steps=50, batch_size=64, lr=1e-2)
+    centred = fit_lambda_orthogonal(x, y, options=LambdaOrthOptions(tolerance=1.0, center=True, steps=50, batch_size=64, lr=1e-2))
     w, b = centred.map.exported()
     mean_new, mean_old = x.double().mean(0).numpy(), y.double().mean(0).numpy()
     np.testing.assert_allclose(b, mean_old - w.astype(np.float64) @ mean_new, atol=1e-6)
@@ -211,7 +219,8 @@ def test_exported_arrays_applied_in_numpy_reproduce_the_torch_map():
     from compatembed_index.registry import Edge
 
     x, y = paired_features(d_new=6, d_old=4, offset=0.5)
-    fit = fit_lambda_orthogonal(x, y, tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2)
+    options = LambdaOrthOptions(tolerance=0.5, bias=True, center=True, steps=30, batch_size=64, lr=1e-2)
+    fit = fit_lambda_orthogonal(x, y, options=options)
     weight, bias = fit.map.exported()
     expected = F.normalize(fit.map(x), dim=1).numpy()
     by_hand = x.numpy() @ weight.T + bias
@@ -242,8 +251,8 @@ def test_each_weight_scales_its_own_term(key, term):
     fitted = AffineMap(6, 5)
     fitted.set_weight(1.5 * torch.eye(5, 6, dtype=torch.float64))  # off-orthogonal: the hinge is active
     base = dict(tolerance=0.1, penalty_weight=1.0, alignment_weight=1.0, supcon_weight=1.0, temperature=0.2)
-    one = lambda_orth_terms(fitted, x, y, labels, **base)
-    two = lambda_orth_terms(fitted, x, y, labels, **{**base, key: 2.0})
+    one = lambda_orth_terms(fitted, x, y, labels, LambdaOrthOptions(**base))
+    two = lambda_orth_terms(fitted, x, y, labels, LambdaOrthOptions(**{**base, key: 2.0}))
     one, two = ({k: float(v.detach()) for k, v in terms.items()} for terms in (one, two))
     assert one[term] > 0
     assert two[term] == pytest.approx(2 * one[term], rel=1e-9)
@@ -272,9 +281,10 @@ def lambda_orth_cfg(versions: dict[str, Path], out: Path, *extra: str) -> DictCo
 
 
 def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
-    from compatembed.evaluate import evaluate, load_or_extract
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
-    from compatembed.train import train
+    from compatembed.eval.pair_report import evaluate
+    from compatembed.training.run import train
 
     out = train(lambda_orth_cfg(versions, tmp_path / "lo", "method.tolerance=0.5"))
     manifest = json.loads((out / "manifest.json").read_text())
@@ -304,7 +314,7 @@ def test_training_exports_an_affine_edge_that_eval_follows(versions, tmp_path):
 
 
 def test_adopting_a_trained_new_version_keeps_its_weights(versions, tmp_path):
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     out = train(lambda_orth_cfg(versions, tmp_path / "adopt", f"method.new_version={versions['new']}", "trainer.epochs=0",
                                 "method.tolerance=0"))
@@ -319,7 +329,7 @@ def test_adopting_a_trained_new_version_keeps_its_weights(versions, tmp_path):
 
 
 def test_adopting_needs_zero_epochs_and_the_same_architecture(versions, tmp_path):
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     with pytest.raises(ConfigError):
         train(lambda_orth_cfg(versions, tmp_path / "a", f"method.new_version={versions['new']}"))  # trainer=smoke: 1 epoch
@@ -331,7 +341,8 @@ def test_adopting_needs_zero_epochs_and_the_same_architecture(versions, tmp_path
 def test_missing_old_version_is_a_config_error(tmp_path):
     model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=8)
     method = LambdaOrth(model, 10)
-    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)), device=torch.device("cpu"))
+    ctx = MethodContext(train_set=[], eval_view=lambda pre: [], num_classes=10, train_classes=list(range(10)),
+                        device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="old_version"):
         method.setup(ctx)
     with pytest.raises(ConfigError, match="deviation"):
@@ -339,7 +350,7 @@ def test_missing_old_version_is_a_config_error(tmp_path):
 
 
 def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch, capsys):
-    from compatembed.evaluate import load_or_extract
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
 
     monkeypatch.syspath_prepend(str(REPO))
@@ -349,13 +360,15 @@ def test_compare_maps_tool_on_synthetic_versions(versions, tmp_path, monkeypatch
         main(["--help"])
     assert exc.value.code == 0 and "--lambdas" in capsys.readouterr().out
     out = tmp_path / "maps"
-    assert main(["--old", str(versions["old"]), "--new", str(versions["new"]), "--data", "synthetic", "--lambdas", "0", "1", "inf",
+    assert main(["--old", str(versions["old"]), "--new", str(versions["new"]), "--data", "synthetic",
+                 "--lambdas", "0", "1", "inf",
                  "--steps", "20", "--batch-size", "64", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     payload = json.loads(out.with_suffix(".json").read_text())
     rows = {(r["map"], r["pair"]): r for r in payload["rows"]}
     assert len(rows) == len(payload["rows"]) == 3 + 2 * (2 + 3 + 1)  # baselines + per bias: 2 ends, 3 λ, forward
     data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
-    new, old = load_or_extract(versions["new"], data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
+    new = load_or_extract(versions["new"], data, "test", device="cpu")
+    old = load_or_extract(versions["old"], data, "test", device="cpu")
     raw = retrieval_metrics(new.embeddings, new.labels, old.embeddings, old.labels, query_ids=new.ids, gallery_ids=old.ids,
                             leave_one_out=True)
     assert rows["none (raw)", "new/old"]["top1"] == pytest.approx(raw["top1"])
@@ -380,7 +393,8 @@ def test_experiments_compose_and_instantiate(experiment):
     cfg = compose_config("train", [f"experiment={experiment}"])
     assert cfg.method._target_ == "compatembed.methods.lambda_orth.LambdaOrth"
     assert cfg.method.old_version.startswith("runs/")
-    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=int(cfg.model.embed_dim))
+    embed_dim = cfg.model.embed_dim  # null (the external scenario): the backbone's pooled feature
+    model = EmbeddingModel(create_backbone("cifar_resnet", depth=8, num_classes=10), embed_dim=embed_dim and int(embed_dim))
     method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
     assert isinstance(method, LambdaOrth) and method.tolerance == 1.0
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from compatembed.errors import ConfigError
-from compatembed.methods.oca import ORTHOGONAL_MAPS, OCA
+from compatembed.methods.oca import OCA
+from compatembed.models.orthogonal import ORTHOGONAL_MAPS
 from compatembed.models.version import load_manifest, load_model_version, module_sha256
 
 D_OLD, K = 16, 8
@@ -125,11 +126,14 @@ def test_config_errors(old_version: Path, new_model, synthetic_context) -> None:
 def test_deployed_embedding_is_expanded_and_its_prefix_searches_the_old_gallery(
     old_version: Path, tmp_path: Path, train_version, compose
 ) -> None:
+    from compatembed.embeddings import load_or_extract
     from compatembed.eval import retrieval_metrics
-    from compatembed.evaluate import evaluate, evaluate_pair, load_or_extract
+    from compatembed.eval.pair_report import evaluate
+    from compatembed.eval.pairs import evaluate_pair
 
     out = train_version(
-        tmp_path / "oca", ["method=oca", f"method.old_version={old_version}", f"method.extra_dims={K}", f"model.embed_dim={D_OLD + K}"]
+        tmp_path / "oca",
+        ["method=oca", f"method.old_version={old_version}", f"method.extra_dims={K}", f"model.embed_dim={D_OLD + K}"],
     )
     manifest = load_manifest(out)
     assert manifest["embedding"] == {"dim": D_OLD + K, "normalized": True, "dtype": "float32"}

@@ -10,8 +10,7 @@ import timm
 import torch
 
 from compatembed.errors import CheckpointError
-from compatembed.models import create_backbone, load_efficientnet_lite0_weights
-from compatembed.models import efficientnet_lite
+from compatembed.models import create_backbone, efficientnet_lite, load_efficientnet_lite0_weights
 from compatembed.models.efficientnet_lite import efficientnet_lite0_weights_path
 from compatembed.models.registry import read_state_dict
 

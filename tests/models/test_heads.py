@@ -9,7 +9,6 @@ from torch import nn
 
 from compatembed.errors import ConfigError
 from compatembed.models import Classifier, EmbeddingModel, create_backbone
-
 from helpers.models import TinyBackbone
 
 

@@ -13,8 +13,7 @@ from torch import nn
 
 import compatembed.models  # noqa: F401  (registers the built-in backbones)
 from compatembed.errors import CheckpointError, ConfigError
-from compatembed.models import create_backbone, list_backbones, register_backbone
-from compatembed.models import registry
+from compatembed.models import create_backbone, list_backbones, register_backbone, registry
 
 BUILT_IN = {
     "cifar_resnet",

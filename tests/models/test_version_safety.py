@@ -85,7 +85,7 @@ def test_malformed_manifests_are_refused_naming_the_field(version, change, messa
 def test_a_checkpoint_that_would_run_code_is_not_unpickled(tmp_path):
     from compatembed.cli import compose_config
     from compatembed.errors import ConfigError
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     marker = tmp_path / "pwned"
 
@@ -106,7 +106,7 @@ def test_a_checkpoint_that_would_run_code_is_not_unpickled(tmp_path):
 def test_a_missing_referenced_version_fails_before_any_work(tmp_path):
     from compatembed.cli import compose_config
     from compatembed.errors import ConfigError
-    from compatembed.train import train
+    from compatembed.training.run import train
 
     cfg = compose_config("train", ["data=synthetic", "model=cifar_resnet20", "trainer.progress=false",
                                    f"output_dir={tmp_path / 'run'}", f"method.old_version={tmp_path / 'nowhere'}"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from compatembed.cli import compose_config
 from compatembed.data.loaders import ArrayBatchLoader
-from compatembed.train import train
+from compatembed.training.run import train
 
 TINY = ["data=synthetic", "data.augment=crop_flip", "data.pipeline=array", "model=cifar_resnet20", "model.embed_dim=16",
         "trainer.progress=false", "logger=csv", "trainer.log_every_n_steps=1", "trainer.num_threads=1"]

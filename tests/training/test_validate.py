@@ -9,7 +9,7 @@ import pytest
 
 from compatembed.cli import compose_config
 from compatembed.errors import ConfigError
-from compatembed.train import train_and_validate
+from compatembed.training.run import train_and_validate
 
 TINY = ["data=synthetic", "model=cifar_resnet20", "model.embed_dim=16", "trainer.progress=false", "trainer.epochs=1",
         "trainer.num_threads=1", "data.validation.fraction=0.2", "validation.enabled=true"]
@@ -22,8 +22,8 @@ def test_validation_report_is_on_the_val_split_and_is_the_returned_metric(tmp_pa
     assert report["split"] == "val" and report["query_version"] == report["gallery_version"] == "old"
     assert metric_old == next(r["mAP"] for r in report["pairs"] if r["query"] == r["gallery"] == "new")
 
-    new, metric_new = train_and_validate(compose_config("train", TINY + [f"method.old_version={old}", "version_id=new",
-                                                                          f"output_dir={tmp_path / 'new'}", "validation.metric=top1"]))
+    new_overrides = [f"method.old_version={old}", "version_id=new", f"output_dir={tmp_path / 'new'}", "validation.metric=top1"]
+    new, metric_new = train_and_validate(compose_config("train", TINY + new_overrides))
     report = json.loads((new / "validation" / "report.json").read_text())
     assert report["gallery_version"] == "old"
     assert metric_new == next(r["top1"] for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))

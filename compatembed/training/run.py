@@ -1,0 +1,223 @@
+"""Training a model version: build the method, run the shared loop, write the version directory.
+
+``train(cfg)`` takes a composed ``conf/train.yaml`` config (``compatembed-train`` is its command line;
+tests and tools call it directly). :func:`validate` evaluates the trained version on the validation
+split after training, and :func:`train_and_validate` returns the number a sweep maximises.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+
+from compatembed.data import build_dataset, build_transform
+from compatembed.data.loaders import training_loader
+from compatembed.errors import ConfigError, ManifestError
+from compatembed.eval.pair_report import evaluate
+from compatembed.hardware import resolve_device, resolve_num_workers, set_torch_threads
+from compatembed.methods.base import Method, MethodContext
+from compatembed.models.version import load_manifest, save_model_version
+from compatembed.training.loop import TrainerConfig, fit
+
+_logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed python, numpy and torch; returns a generator for the data loader's shuffling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def _train_classes(dataset: Dataset, num_classes: int) -> list[int]:
+    selected = getattr(dataset, "selected_classes", None)
+    return list(selected) if selected is not None else list(range(num_classes))
+
+
+def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
+    """Build ``cfg.model`` and ``cfg.method`` and run the method's setup (frozen models, teacher features).
+
+    Shared by :func:`train` and the throughput benchmark (``tools/bench_throughput.py``), so both time
+    exactly the method that training runs.
+
+    Returns:
+        The method after ``setup``, the training set (augmented view) and the method context.
+    """
+    model = instantiate(cfg.model)
+    transform = build_transform(model.preprocessing, train=True, augment=cfg.data.augment)
+    train_set = build_dataset(cfg.data, "train", transform=transform)
+    if len(train_set) == 0:
+        raise ConfigError("the training split is empty after class selection")
+    method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
+    loader_cfg = cfg.data.loader
+    ctx = MethodContext(
+        train_set=train_set,
+        eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
+        num_classes=int(cfg.data.num_classes),
+        train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
+        device=resolve_device(cfg.trainer.device),
+        batch_size=int(loader_cfg.eval_batch_size),
+        num_workers=resolve_num_workers(loader_cfg.num_workers),
+        model_config=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
+    )
+    method.setup(ctx)
+    return method, train_set, ctx
+
+
+def check_references(cfg: DictConfig) -> None:
+    """Every model version the method names (``method.*_version``) is a valid version directory.
+
+    Runs before any data is read or model built, so a mistyped path fails in a second, not after the
+    training it would otherwise end.
+
+    Raises:
+        ConfigError: naming the key, its value and what is wrong with it.
+    """
+    for key in cfg.method:
+        if not str(key).endswith("_version"):
+            continue
+        if OmegaConf.is_missing(cfg.method, key):
+            raise ConfigError(f"method.{key} is required (a model version directory written by compatembed-train)")
+        value = cfg.method[key]
+        if value is None:
+            continue
+        try:
+            load_manifest(str(value))
+        except ManifestError as exc:
+            raise ConfigError(f"method.{key}={value}: {exc}") from None
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train ``cfg.method`` on ``cfg.data`` and write the model version to ``cfg.output_dir``.
+
+    Returns:
+        The model version directory.
+    """
+    check_references(cfg)
+    seed_everything(int(cfg.seed))
+    set_torch_threads(cfg.trainer.num_threads)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    method, train_set, ctx = prepare_method(cfg)
+    model_cfg: dict[str, Any] = ctx.model_config
+    preprocessing = method.model.preprocessing
+    device = ctx.device
+    loader_cfg = cfg.data.loader
+    frozen_before = method.frozen_hashes()
+
+    loader = training_loader(
+        train_set,
+        batch_size=int(loader_cfg.batch_size),
+        seed=int(cfg.seed),
+        device=device,
+        num_workers=resolve_num_workers(loader_cfg.num_workers),
+    )
+    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    try:
+        summary = fit(
+            method,
+            loader,
+            optimizer_factory=instantiate(cfg.optim.optimizer),
+            scheduler_factory=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
+            config=trainer_cfg,
+            run_dir=run_dir,
+            logger=logger,
+        )
+        method.to("cpu")
+        facts = method.finalize(ctx)
+        logger.log_summary(summary)
+    finally:
+        logger.finish()
+
+    frozen_after = method.frozen_hashes()
+    if frozen_after != frozen_before:  # a bug, never a user error: keep the traceback
+        raise RuntimeError(f"frozen models changed during training: {sorted(frozen_before)}")
+
+    deployed = method.deployed_model().cpu().eval()
+    training = {
+        "dataset": str(cfg.data.name),
+        "classes": ctx.train_classes,
+        "num_classes": int(cfg.data.num_classes),
+        "method": method.name,
+        "seed": int(cfg.seed),
+        "epochs": int(trainer_cfg.epochs),
+        "frozen_model_sha256": frozen_after,
+        "old_version_dir": OmegaConf.select(cfg, "method.old_version"),
+        "summary": summary,
+        **facts,
+    }
+    out = save_model_version(
+        run_dir,
+        version_id=str(cfg.version_id),
+        model=deployed,
+        model_config=method.deployed_config(model_cfg),
+        embed_dim=int(deployed.embed_dim),
+        normalized=bool(getattr(deployed, "normalize", True)),
+        preprocessing=preprocessing.to_dict(),
+        training=training,
+        parent=method.parent_version_id,
+        edges=method.compatibility_edges(),
+    )
+    _logger.info("model version %s written to %s", cfg.version_id, out)
+    return out
+
+
+def validate(cfg: DictConfig, version_dir: Path) -> dict[str, Any]:
+    """Evaluate a trained version on the validation split; writes ``<version_dir>/validation/report.{json,md}``.
+
+    The query is the new version and the gallery its old version (``method.old_version``), or the
+    version itself when it has none; new/old follows the version's compatibility route. This is the
+    number sweeps compare (``conf/hparams_search``): settings are chosen on ``val``, never on ``test``.
+
+    Raises:
+        ConfigError: ``data.validation.fraction`` is not positive (there is no validation split).
+    """
+    _check_validation(cfg)
+    old = OmegaConf.select(cfg, "method.old_version", default=None)
+    eval_cfg = OmegaConf.create({
+        "query": str(version_dir), "gallery": str(old or version_dir), "split": "val", "leave_one_out": True,
+        "topk": [1, 5], "route": "auto", "backend": str(cfg.validation.backend), "out": str(version_dir / "validation"),
+        "device": str(cfg.trainer.device), "batch_size": int(cfg.data.loader.eval_batch_size),
+        "num_workers": cfg.data.loader.num_workers, "progress": bool(cfg.trainer.progress),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+    })
+    return evaluate(eval_cfg)
+
+
+def _check_validation(cfg: DictConfig) -> None:
+    if float(OmegaConf.select(cfg, "data.validation.fraction", default=0.0) or 0.0) <= 0:
+        raise ConfigError("validation.enabled=true needs data.validation.fraction > 0 (a split held out of training)")
+
+
+def sweep_metric(report: dict[str, Any], metric: str) -> float:
+    """The number a sweep maximises: ``metric`` of new/old when the version has an old one, else of new/new."""
+    pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
+    key = ("new", "old") if report["query_version"] != report["gallery_version"] else ("new", "new")
+    return float(pairs[key][metric])
+
+
+def train_and_validate(cfg: DictConfig) -> tuple[Path, float | None]:
+    """:func:`train`, then :func:`validate` when ``validation.enabled``; returns the version and the sweep metric."""
+    if bool(cfg.validation.enabled):
+        _check_validation(cfg)  # before the training, not after it
+    out = train(cfg)
+    if not bool(cfg.validation.enabled):
+        return out, None
+    report = validate(cfg, out)
+    return out, sweep_metric(report, str(cfg.validation.metric))
