@@ -105,3 +105,11 @@ def test_tools_take_method_names_from_the_registry(capsys):
             tool_main(argv)
         err = capsys.readouterr().err
         assert all(m in err for m in compatible), err
+
+
+def test_methods_results_name_no_absolute_path_of_the_checkout():
+    from tools._runner import REPO
+    from tools.run_cifar10_methods import _relative
+
+    payload = {"failed": {"oca seed 1": f"exit status 1 of: train output_dir={REPO}/runs/x"}, "n": 1.5}
+    assert _relative(payload) == {"failed": {"oca seed 1": "exit status 1 of: train output_dir=runs/x"}, "n": 1.5}

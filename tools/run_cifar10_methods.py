@@ -26,6 +26,7 @@ stopped keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 import subprocess
@@ -265,10 +266,16 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows,
         "per_seed": rows.seeds,
         "failed": failed,
     }
+    payload = _relative(payload)
     write_json(args.out / f"{name}.json", payload)
     md = render(payload)
     (args.out / f"{name}.md").write_text(md)
     print(md, flush=True)
+
+
+def _relative(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload with this checkout's absolute prefix removed from every path (commands, version dirs)."""
+    return json.loads(json.dumps(payload).replace(json.dumps(str(REPO) + "/")[1:-1], ""))
 
 
 def _mean_spread(s: dict[str, float | None], scale: float = 100.0, fmt: str = "{:.1f}") -> str:
