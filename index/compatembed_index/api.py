@@ -76,6 +76,8 @@ class IndexService:
         keep_snapshots: snapshots kept per collection.
         store: a :class:`Store` to use instead of the SQLite store in ``data_dir``.
         limits: factory, metadata, result and response limits (:class:`Limits`; its defaults otherwise).
+        batch_searches: run concurrent searches of a collection with the same query version and options
+            as one FAISS call (:mod:`~compatembed_index.batching`).
     """
 
     def __init__(
@@ -88,7 +90,9 @@ class IndexService:
         keep_snapshots: int = 2,
         store: Store | None = None,
         limits: Limits | None = None,
+        batch_searches: bool = True,
     ) -> None:
+        self.batch_searches = batch_searches
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.max_k, self.max_batch, self.mmap, self.keep_snapshots = max_k, max_batch, mmap, keep_snapshots
         self.limits = limits or Limits()
@@ -139,7 +143,7 @@ class IndexService:
     def _make_collection(self, name: str, config: CollectionConfig) -> Collection:
         return Collection(name, config, self.registry, self.store, snapshot_root=self.snapshot_root,
                           max_k=self.max_k, max_batch=self.max_batch, mmap=self.mmap,
-                          keep_snapshots=self.keep_snapshots, limits=self.limits)
+                          keep_snapshots=self.keep_snapshots, limits=self.limits, batch_searches=self.batch_searches)
 
     # -- versions ---------------------------------------------------------------------------------
     def register_version(self, path: str | Path) -> ModelVersion:

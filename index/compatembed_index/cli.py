@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to receive a whole request body before answering 408 (default 30)")
     s.add_argument("--keep-alive", type=int, default=None, dest="keep_alive_seconds",
                    help="seconds an idle keep-alive connection stays open (default 5)")
+    s.add_argument("--read-threads", type=int, default=None,
+                   help="worker threads reads may hold at once (default 32); writes queue apart")
+    s.add_argument("--write-threads", type=int, default=None, help="worker threads writes may hold at once (default 4)")
+    s.add_argument("--no-batching", action="store_true",
+                   help="run each search as its own FAISS call (default: concurrent searches share one)")
     s.add_argument("--no-access-log", action="store_true",
                    help="no log line per request (saves server CPU; /metrics still counts every request)")
     return p
@@ -162,11 +167,13 @@ def _settings(args: argparse.Namespace) -> Any:
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
     for key in ("host", "port", "api_key", "max_body_bytes", "max_k", "max_result_slots", "body_timeout_seconds",
-                "keep_alive_seconds"):
+                "keep_alive_seconds", "read_threads", "write_threads"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     if getattr(args, "no_access_log", False):
         overrides["access_log"] = False
+    if getattr(args, "no_batching", False):
+        overrides["batch_searches"] = False
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
     return IndexSettings(**overrides)

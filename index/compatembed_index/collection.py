@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from compatembed_index import snapshot as snap
+from compatembed_index.batching import SearchBatcher
 from compatembed_index.errors import (
     CollectionNotFoundError,
     ConfigError,
@@ -165,6 +166,19 @@ class _Plan:
     calib: tuple[float, float] | None
 
 
+@dataclass
+class _Batch:
+    """What one (possibly micro-batched) search pass found, before it is split per request."""
+
+    scores: np.ndarray
+    ids: np.ndarray
+    cols: np.ndarray  # index into names of the segment that answered
+    names: list[str]
+    routes: dict[str, str]
+    skipped: list[str]
+    metadata: list[list[str | None]] | None  # stored JSON of each hit (include_metadata only)
+
+
 class Collection:
     """One named collection: segments per version, forward-upgraded copies, routes, calibration.
 
@@ -179,6 +193,8 @@ class Collection:
         mmap: load snapshot indexes memory-mapped where FAISS allows.
         keep_snapshots: how many snapshots to keep.
         limits: factory, metadata, result and response limits.
+        batch_searches: concurrent searches of the same query version and options run as one FAISS
+            call (:mod:`~compatembed_index.batching`); False runs each on its own.
     """
 
     def __init__(
@@ -194,6 +210,7 @@ class Collection:
         mmap: bool = False,
         keep_snapshots: int = 2,
         limits: Limits | None = None,
+        batch_searches: bool = True,
     ) -> None:
         self.name = name
         self.config = config
@@ -206,6 +223,8 @@ class Collection:
         self.keep_snapshots = keep_snapshots
         self.limits = limits or Limits()
         self.lock = RWLock()
+        # concurrent searches with the same options share one FAISS call (bounded like one request)
+        self._batcher = SearchBatcher(max_rows=max(1, min(max_batch, 1024)), enabled=batch_searches)
         self.segments: dict[str, Segment] = {}
         self.copies: dict[tuple[str, str], Segment] = {}
         self._where: dict[int, str] = {}
@@ -559,29 +578,41 @@ class Collection:
         q = as_matrix(queries, v.dim, what="queries", version=version, max_rows=self.max_batch)
         check_slots(len(q), k, self.limits.max_result_slots)
         q = normalize_rows(q, what="queries") if v.normalized else check_norms(q, what="queries")
-        with self.lock.read():
-            plans, skipped = self._plan(version, allow_partial)
-            res = self._search_plans(plans, q, k)
-            scores, ids, cols_v = res
-            names = [p.version for p in plans]
-            versions = [[names[c] if i >= 0 else None for i, c in zip(ri, rc)] for ri, rc in zip(ids, cols_v)]
-            if self.limits.max_response_bytes is not None:
-                self._check_response_size(ids, versions, include_metadata)
-            meta = None
-            if include_metadata:
-                meta = [[self._decode(self._meta.get(int(i))) if i >= 0 else None for i in row] for row in ids]
-        return SearchResult(ids, scores, versions, meta, {p.version: p.how for p in plans}, skipped)
+        def run(batch: np.ndarray) -> _Batch:
+            # one locked pass: the plan, FAISS, and the stored metadata of the hits, so a write cannot
+            # slip between the search and what it returns
+            with self.lock.read():
+                plans, skipped = self._plan(version, allow_partial)
+                scores, ids, cols = self._search_plans(plans, batch, k)
+                raw = None
+                if include_metadata:
+                    raw = [[self._meta.get(i) if i >= 0 else None for i in row] for row in ids.tolist()]
+            return _Batch(scores, ids, cols, [p.version for p in plans], {p.version: p.how for p in plans},
+                          skipped, raw)
 
-    def _check_response_size(self, ids: np.ndarray, versions: list[list[str | None]], include_metadata: bool) -> None:
+        slots = self.limits.max_result_slots
+        out, rows = self._batcher.run((version, k, allow_partial, include_metadata), q, run,
+                                      max_rows=None if slots is None else max(1, slots // k))
+        ids, scores, cols = out.ids[rows], out.scores[rows], out.cols[rows]
+        raw = None if out.metadata is None else out.metadata[rows]
+        versions = [[out.names[c] if i >= 0 else None for i, c in zip(ri, rc)]
+                    for ri, rc in zip(ids.tolist(), cols.tolist())]
+        if self.limits.max_response_bytes is not None:
+            self._check_response_size(ids, versions, raw)
+        meta = None if raw is None else [[self._decode(m) for m in row] for row in raw]
+        return SearchResult(ids, scores, versions, meta, dict(out.routes), list(out.skipped))
+
+    def _check_response_size(self, ids: np.ndarray, versions: list[list[str | None]],
+                             metadata: list[list[str | None]] | None) -> None:
         """Refuse a result whose JSON would exceed ``max_response_bytes`` (an upper estimate, before decoding)."""
         limit = self.limits.max_response_bytes
         assert limit is not None
         total = 16 * len(ids)
-        for row_ids, row_v in zip(ids.tolist(), versions):
-            for i, v in zip(row_ids, row_v):
+        for r, (row_ids, row_v) in enumerate(zip(ids.tolist(), versions)):
+            for j, (i, v) in enumerate(zip(row_ids, row_v)):
                 if i < 0:
                     break
-                m = self._meta.get(i) if include_metadata else None
+                m = metadata[r][j] if metadata is not None else None
                 total += HIT_JSON_BYTES + len(v or "") + (len(m) if m is not None else 4)
             if total > limit:
                 raise LimitExceededError(

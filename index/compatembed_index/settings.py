@@ -40,6 +40,11 @@ class IndexSettings(BaseSettings):
         max_pq_nbits: most bits per PQ code in a factory string.
         max_search_param: largest value of a search parameter (nprobe, efSearch, ...).
         max_index_bytes: largest estimated memory of one segment (fixed structures plus its training set).
+        read_threads: worker threads that searches and other reads may hold at once.
+        write_threads: worker threads that writes may hold at once; reads and writes queue for their
+            threads apart, so a crowd of searches never keeps a write from starting.
+        batch_searches: concurrent searches of one collection with the same query version and options
+            run as one FAISS call (natural micro-batching: no added latency when idle).
         mmap: load snapshot indexes memory-mapped where FAISS allows it.
         keep_snapshots: snapshots kept per collection.
         snapshot_on_shutdown: snapshot every collection at a clean shutdown (shorter replay at restart).
@@ -70,6 +75,9 @@ class IndexSettings(BaseSettings):
     max_pq_nbits: int = Field(12, ge=1, le=16)
     max_search_param: int = Field(65_536, ge=1)
     max_index_bytes: int = Field(4 * 1024**3, ge=1024**2)
+    read_threads: int = Field(32, ge=1, le=1024)
+    write_threads: int = Field(4, ge=1, le=64)
+    batch_searches: bool = True
     mmap: bool = False
     keep_snapshots: int = Field(2, ge=1)
     snapshot_on_shutdown: bool = True
