@@ -65,8 +65,13 @@ class _DirLock:
             self._fd = -1
 
 
+def _describe(v: ModelVersion) -> dict[str, Any]:
+    return {"version_id": v.version_id, "dim": v.dim, "normalized": v.normalized,
+            "edges": [{"kind": e.kind, ("source" if e.kind == "forward" else "target"): e.other} for e in v.edges]}
+
+
 class IndexService:
-    """Mixed-version galleries with durable writes.
+    """Mixed-version galleries with durable writes (implements :class:`~compatembed_index.interface.Gallery`).
 
     Args:
         data_dir: directory for the store and snapshots; None keeps everything in memory (tests, demos).
@@ -146,8 +151,11 @@ class IndexService:
                           keep_snapshots=self.keep_snapshots, limits=self.limits, batch_searches=self.batch_searches)
 
     # -- versions ---------------------------------------------------------------------------------
-    def register_version(self, path: str | Path) -> ModelVersion:
+    def register_version(self, path: str | Path) -> dict[str, Any]:
         """Register the model version directory at ``path`` (checksums verified; idempotent).
+
+        Returns ``{version_id, dim, normalized, edges}``, as :meth:`versions` lists it; the parsed
+        :class:`ModelVersion` is ``self.registry.get(version_id)``.
 
         Raises:
             InvalidInputError: ``path`` is not a usable path (empty, too long, a NUL or a lone surrogate).
@@ -159,14 +167,11 @@ class IndexService:
         with self._lock.write():
             if self.registry.register(version):
                 self.store.put_version(version.version_id, version.manifest, version.files)
-        return self.registry.get(version.version_id)
+        return _describe(self.registry.get(version.version_id))
 
     def versions(self) -> list[dict[str, Any]]:
         """Registered versions with their dimension, normalisation and edges."""
-        return [{"version_id": v.version_id, "dim": v.dim, "normalized": v.normalized,
-                 "edges": [{"kind": e.kind, ("source" if e.kind == "forward" else "target"): e.other}
-                           for e in v.edges]}
-                for v in self.registry.list()]
+        return [_describe(v) for v in self.registry.list()]
 
     def route(self, query_version: str, segment_version: str) -> list[str] | None:
         """The chain of versions a query of ``query_version`` follows to ``segment_version`` (None: no route)."""
@@ -302,16 +307,21 @@ class IndexService:
         """Forward-upgrade segment ``source`` into ``target``'s space. See :meth:`Collection.materialise`."""
         return self.collection(collection).materialise(source, target)
 
+    def set_calibration(self, collection: str, query_version: str, segment_version: str, scale: float,
+                        shift: float) -> None:
+        """Set one route's score map explicitly. See :meth:`Collection.set_calibration`."""
+        self.collection(collection).set_calibration(query_version, segment_version, scale, shift)
+
     def calibrate(self, collection: str, query_version: str, segment_version: str, queries: Any,
                   k: int = 10, *, query_ids: Any = None) -> tuple[float, float]:
         """Fit one route's score calibration. See :meth:`Collection.calibrate`."""
         return self.collection(collection).calibrate(query_version, segment_version, queries, k, query_ids=query_ids)
 
-    def snapshot(self, collection: str | None = None) -> list[str]:
+    def snapshot_paths(self, collection: str | None = None) -> list[Path]:
         """Snapshot one collection (or all); returns the snapshot directories (absolute paths, for local use)."""
-        return [str(self.data_dir / r["name"]) for r in self.snapshot_records(collection)]  # type: ignore[operator]
+        return [self.data_dir / r["name"] for r in self.snapshot(collection)]  # type: ignore[operator]
 
-    def snapshot_records(self, collection: str | None = None) -> list[dict[str, Any]]:
+    def snapshot(self, collection: str | None = None) -> list[dict[str, Any]]:
         """Snapshot one collection (or all); returns what a remote caller may see of each snapshot.
 
         Each record holds the collection, the snapshot's ``id`` (its directory name, the zero-padded

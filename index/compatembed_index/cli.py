@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> Any:
                       keep_snapshots=settings.keep_snapshots, limits=limits) as svc:
         c = args.command
         if c == "register":
-            return [svc.register_version(p).version_id for p in args.paths]
+            return [svc.register_version(p)["version_id"] for p in args.paths]
         if c == "create":
             factories = {}
             for item in args.factory_for:

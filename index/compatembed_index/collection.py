@@ -41,6 +41,7 @@ from compatembed_index.errors import (
 )
 from compatembed_index.limits import Limits
 from compatembed_index.registry import Route, VersionRegistry
+from compatembed_index.results import SearchResult
 from compatembed_index.rwlock import RWLock
 from compatembed_index.segment import DEVICES, Segment
 from compatembed_index.store import Store
@@ -120,41 +121,6 @@ class CollectionConfig:
     def factory_for(self, version: str) -> str:
         """The factory string used for ``version``'s segment."""
         return self.factories.get(version, self.factory)
-
-
-@dataclass
-class SearchResult:
-    """Merged top-k results of a batch of queries.
-
-    Attributes:
-        ids: (Q, k) int64, −1 where fewer than k items were found.
-        scores: (Q, k) float32, −inf where no item.
-        versions: (Q, k) version id of the item that answered (None where no item).
-        metadata: (Q, k) metadata objects (None when absent or not requested).
-        routes: segment version → how it was searched (``direct``, ``query:v3>v2>v1``, ``copy:v1>v3``).
-        skipped: segment versions skipped for lack of a route (only with ``allow_partial``).
-    """
-
-    ids: np.ndarray
-    scores: np.ndarray
-    versions: list[list[str | None]]
-    metadata: list[list[Any]] | None
-    routes: dict[str, str]
-    skipped: list[str]
-
-    def hits(self, i: int) -> list[dict[str, Any]]:
-        """Results of query ``i`` as a list of ``{id, score, version, metadata}`` (no padding)."""
-        out = []
-        for j in range(self.ids.shape[1]):
-            if self.ids[i, j] < 0:
-                break
-            out.append({
-                "id": int(self.ids[i, j]),
-                "score": float(self.scores[i, j]),
-                "version": self.versions[i][j],
-                "metadata": None if self.metadata is None else self.metadata[i][j],
-            })
-        return out
 
 
 @dataclass

@@ -69,15 +69,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-_B64_DOC = ("The vectors as base64 of little-endian float32, row-major (rows × the version's dim), instead "
-            "of `vectors`: no float parsing on either side, for clients that send numpy arrays")
+class Float32Matrix(_Body):
+    """A matrix as base64 of little-endian float32 values, row-major, with its shape."""
+
+    shape: list[int] = Field(min_length=2, max_length=2, description="[rows, columns]: columns is the version's dimension")
+    data: str = Field(description="base64 of rows × columns little-endian float32 values, row-major")
+
+    def array(self) -> np.ndarray:
+        rows, cols = self.shape
+        if rows < 1 or cols < 1:
+            raise InvalidInputError(f"vectors_b64.shape must be positive, got {list(self.shape)}")
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInputError("vectors_b64.data is not valid base64") from None
+        if len(raw) != 4 * rows * cols:
+            raise InvalidInputError(f"vectors_b64.data holds {len(raw)} bytes where shape {list(self.shape)} needs "
+                                    f"{4 * rows * cols} (float32)")
+        return np.frombuffer(raw, dtype="<f4").reshape(rows, cols)
 
 
 class _Vectors(_Body):
     """A matrix given either as JSON rows (``vectors``) or as base64 float32 (``vectors_b64``)."""
 
     vectors: Matrix | None = None
-    vectors_b64: str | None = Field(None, description=_B64_DOC)
+    vectors_b64: Float32Matrix | None = Field(
+        None, description="The vectors as base64 float32 with their shape, instead of `vectors`: no float "
+        "formatting or parsing on either side, for clients that send numpy arrays")
 
     @model_validator(mode="after")
     def _one_encoding(self) -> _Vectors:
@@ -85,18 +103,9 @@ class _Vectors(_Body):
             raise ValueError("give the vectors exactly once: as `vectors` (rows of numbers) or as `vectors_b64`")
         return self
 
-    def matrix(self, dim: int) -> Any:
-        """The vectors as given (rows), or decoded from base64 into (rows, ``dim``) float32."""
-        if self.vectors_b64 is None:
-            return self.vectors
-        try:
-            raw = base64.b64decode(self.vectors_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidInputError("vectors_b64 is not valid base64") from None
-        if len(raw) % (4 * dim):
-            raise InvalidInputError(f"vectors_b64 holds {len(raw)} bytes, not a whole number of rows of {dim} "
-                                    f"float32 ({4 * dim} bytes) for this version")
-        return np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
+    def matrix(self) -> Any:
+        """The vectors: JSON rows as given, or the decoded float32 array (the core checks both alike)."""
+        return self.vectors if self.vectors_b64 is None else self.vectors_b64.array()
 
 
 class RegisterVersionBody(_Body):
@@ -485,9 +494,6 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         """A read in a worker thread of the read queue."""
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter("read"))
 
-    def matrix(body: _Vectors, version: str) -> Any:
-        """The body's vectors; base64 ones are shaped by the dimension of ``version`` (404 when unknown)."""
-        return body.vectors if body.vectors_b64 is None else body.matrix(svc().registry.get(version).dim)
 
     # -- what each route can answer, for the OpenAPI document -------------------------------------------
     transport = (400, 408, 413, 500, 503)  # any request: bad Content-Length, slow or large body, bug, loading
@@ -563,8 +569,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     @app.post("/versions", status_code=201, **write_doc(409))
     @write
     async def register_version(body: RegisterVersionBody) -> dict[str, Any]:
-        v = await run(svc().register_version, body.path)
-        return {"version_id": v.version_id, "dim": v.dim, "normalized": v.normalized}
+        return await run(svc().register_version, body.path)
 
     # -- collections ------------------------------------------------------------------------------
     @app.get("/collections", **read_doc())
@@ -590,7 +595,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
 
     @app.post("/collections/{name}/search", **read_doc(404, 409))
     async def search(name: str, body: SearchBody) -> dict[str, Any]:
-        res = await read(svc().search, name, body.version, matrix(body, body.version), body.k,
+        res = await read(svc().search, name, body.version, body.matrix(), body.k,
                          allow_partial=body.allow_partial, include_metadata=body.include_metadata)
         # encoded by orjson straight from the hits (the float scores dominate the response)
         return FastJSONResponse({"results": [res.hits(i) for i in range(len(res.ids))], "routes": res.routes,
@@ -599,7 +604,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     @app.post("/collections/{name}/points", **write_doc(404, 409))
     @write
     async def add_points(name: str, body: AddBody) -> dict[str, Any]:
-        seq = await run(svc().add, name, body.version, body.ids, matrix(body, body.version), body.metadata,
+        seq = await run(svc().add, name, body.version, body.ids, body.matrix(), body.metadata,
                         upsert=body.upsert)
         return {"added": len(body.ids), "seq": seq}
 
@@ -615,7 +620,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     @app.post("/collections/{name}/points/upgrade", **write_doc(404))
     @write
     async def upgrade_points(name: str, body: UpgradeBody) -> dict[str, Any]:
-        seq = await run(svc().upgrade, name, body.version, body.ids, matrix(body, body.version), body.metadata)
+        seq = await run(svc().upgrade, name, body.version, body.ids, body.matrix(), body.metadata)
         return {"upgraded": len(body.ids), "seq": seq}
 
     @app.post("/collections/{name}/materialise", **write_doc(404, 409))
@@ -627,7 +632,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     @write
     async def calibrate(name: str, body: CalibrateBody) -> dict[str, Any]:
         scale, shift = await run(svc().calibrate, name, body.query_version, body.segment_version,
-                                 matrix(body, body.query_version), body.k,
+                                 body.matrix(), body.k,
                                  query_ids=body.ids)
         return {"scale": scale, "shift": shift}
 
@@ -642,7 +647,7 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
     @write
     async def snapshot(name: str) -> dict[str, Any]:
         # ids and names relative to the data directory: no absolute server path leaves the server
-        return {"snapshots": await run(svc().snapshot_records, name)}
+        return {"snapshots": await run(svc().snapshot, name)}
 
     # -- aliases ----------------------------------------------------------------------------------
     @app.get("/aliases", **read_doc())

@@ -112,7 +112,7 @@ def test_corrupt_snapshot_is_reported_and_rebuilt(chain, tmp_path, damage):
     q = rng.normal(size=(10, 32)).astype(np.float32)
     svc = _open(chain, tmp_path / "d")
     _mutate(svc, rng, 0)
-    snap = Path(svc.snapshot("g")[0])
+    snap = svc.snapshot_paths("g")[0]
     before = _state(svc, q)
     svc.close()
     seg = snap / "seg-0.faiss"
@@ -143,9 +143,9 @@ def test_falls_back_to_an_older_snapshot_and_replays_deletes(chain, tmp_path):
     q = rng.normal(size=(10, 32)).astype(np.float32)
     svc = _open(chain, tmp_path / "d")
     _mutate(svc, rng, 0)
-    old = Path(svc.snapshot("g")[0])
+    old = svc.snapshot_paths("g")[0]
     _mutate(svc, rng, 100)  # includes deletes, which must survive compaction
-    new = Path(svc.snapshot("g")[0])
+    new = svc.snapshot_paths("g")[0]
     before = _state(svc, q)
     svc.close()
     assert [p.name for p in list_snapshots(tmp_path / "d" / "snapshots", "g")] == [old.name, new.name]

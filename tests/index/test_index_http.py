@@ -101,7 +101,7 @@ def test_client_reraises_typed_errors(served):
         client.add("g", "v1", [1], np.ones((1, 16)))
     with pytest.raises(NoRouteError, match="no route from version v1 to segment v2"):
         client.search("g", "v1", np.ones((1, 16)))
-    assert client.search("g", "v1", np.ones((1, 16)), allow_partial=True)["skipped"] == ["v2", "v3"]
+    assert client.search("g", "v1", np.ones((1, 16)), allow_partial=True).skipped == ["v2", "v3"]
     client.close()
 
 
@@ -120,7 +120,7 @@ def test_collection_lifecycle_upgrade_materialise_alias(served):
     c.set_alias("live", "h")
     st = c.stats("live")
     assert st["segments"]["v3"]["ntotal"] == 2 and st["materialised"][0]["ntotal"] == 28
-    assert c.search("live", "v3", rng.normal(size=(2, 32)), k=5)["routes"] == {"v1": "copy:v1>v3", "v3": "direct"}
+    assert c.search("live", "v3", rng.normal(size=(2, 32)), k=5).routes == {"v1": "copy:v1>v3", "v3": "direct"}
     c.close()
 
 

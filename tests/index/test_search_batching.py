@@ -174,7 +174,7 @@ def served(gallery):
 def test_base64_vectors_answer_like_json_rows(served):
     url, svc = served
     q = np.random.default_rng(5).normal(size=(3, Chain.D3)).astype(np.float32)
-    b64 = base64.b64encode(q.astype("<f4").tobytes()).decode()
+    b64 = {"shape": [3, Chain.D3], "data": base64.b64encode(q.astype("<f4").tobytes()).decode()}
     with httpx.Client(base_url=url, timeout=WAIT) as http:
         as_rows = http.post("/collections/g/search", json={"version": "v3", "vectors": q.tolist(), "k": 5})
         as_b64 = http.post("/collections/g/search", json={"version": "v3", "vectors_b64": b64, "k": 5})
@@ -184,12 +184,15 @@ def test_base64_vectors_answer_like_json_rows(served):
         assert [[h["id"] for h in hits] for hits in as_b64.json()["results"]] == ref.ids.tolist()
 
         bad = {
-            "not base64": ({"vectors_b64": "@@@"}, 400, "base64"),
-            "not whole rows": ({"vectors_b64": base64.b64encode(b"\0" * 12).decode()}, 400, "whole number of rows"),
+            "not base64": ({"vectors_b64": {**b64, "data": "@@@"}}, 400, "base64"),
+            "short data": ({"vectors_b64": {**b64, "shape": [4, Chain.D3]}}, 400, "needs 512"),
+            "rows of another dim": ({"vectors_b64": {**b64, "shape": [6, Chain.D3 // 2]}}, 400, "dim"),
+            "empty shape": ({"vectors_b64": {**b64, "shape": [0, Chain.D3]}}, 400, "positive"),
+            "no shape": ({"vectors_b64": {"data": b64["data"]}}, 422, "shape"),
             "both encodings": ({"vectors_b64": b64, "vectors": q.tolist()}, 422, "exactly once"),
             "neither": ({}, 422, "exactly once"),
-            "non-finite": ({"vectors_b64": base64.b64encode(np.full(Chain.D3, np.inf, "<f4").tobytes()).decode()},
-                           400, "NaN or Inf"),
+            "non-finite": ({"vectors_b64": {"shape": [1, Chain.D3], "data": base64.b64encode(
+                np.full(Chain.D3, np.inf, "<f4").tobytes()).decode()}}, 400, "NaN or Inf"),
         }
         for what, (fields, status, words) in bad.items():
             r = http.post("/collections/g/search", json={"version": "v3", "k": 5, **fields})
@@ -206,8 +209,8 @@ def test_client_sends_binary_vectors_and_round_trips(served):
         x = np.random.default_rng(6).normal(size=(4, Chain.D1)).astype(np.float32)
         client.add("g", "v1", [5000, 5001, 5002, 5003], x)
         assert client.versions_of("g", [5000, 5003]) == ["v1", "v1"]
-        hits = client.search("g", "v1", x[:1], k=1, allow_partial=True)["results"][0]
-        assert hits[0]["id"] == 5000 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+        hit = client.search("g", "v1", x[:1], k=1, allow_partial=True)
+        assert hit.ids[0, 0] == 5000 and hit.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
     finally:
         client.delete("g", [5000, 5001, 5002, 5003])
         client.close()
