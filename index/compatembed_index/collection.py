@@ -11,9 +11,12 @@ search from query version ``q`` picks, per segment of version ``s``, one route:
 4. otherwise there is no route: the segment is skipped when the request allows partial results, and
    the request fails with :class:`~compatembed_index.errors.NoRouteError` otherwise.
 
-Per-segment top-k lists are merged by score (after an optional per-route affine score calibration).
-Mutations commit to the store first (durable), then update the in-memory segments under the write
-side of a readers-writer lock, so searches never observe a half-applied batch.
+Per-segment top-k lists are merged by score (after an optional per-route affine score calibration):
+:mod:`~compatembed_index.merge`, :mod:`~compatembed_index.calibration`; concurrent searches share FAISS
+calls (:mod:`~compatembed_index.batching`); loading starts from the newest good snapshot
+(:mod:`~compatembed_index.recovery`) and replays the store. Mutations commit to the store first
+(durable), then update the in-memory segments under the write side of a readers-writer lock, so
+searches never observe a half-applied batch.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from compatembed_index import snapshot as snap
 from compatembed_index.batching import SearchBatcher
+from compatembed_index.calibration import calibration_problem, fit_calibration, top_k_scores
 from compatembed_index.errors import (
     CollectionNotFoundError,
     ConfigError,
@@ -40,14 +44,14 @@ from compatembed_index.errors import (
     NoRouteError,
 )
 from compatembed_index.limits import Limits
+from compatembed_index.merge import SearchPlan, search_plans
+from compatembed_index.recovery import load_newest_snapshot
 from compatembed_index.registry import Route, VersionRegistry
 from compatembed_index.results import SearchResult
 from compatembed_index.rwlock import RWLock
 from compatembed_index.segment import DEVICES, Segment
 from compatembed_index.store import Store
 from compatembed_index.validation import (
-    MAX_CALIBRATION_SCALE,
-    MAX_CALIBRATION_SHIFT,
     as_ids,
     as_matrix,
     as_metadata,
@@ -63,17 +67,6 @@ HIT_JSON_BYTES = 64
 ``{"id": <19 digits>, "score": <float>, "version": "", "metadata": }`` and a separator."""
 
 _logger = logging.getLogger(__name__)
-
-
-def _top_k_scores(result: tuple[np.ndarray, np.ndarray, np.ndarray], own: np.ndarray | None, k: int) -> np.ndarray:
-    """(Q, k) scores of a search, each query's own item (``own[i]``) removed when ids are given."""
-    scores, ids = result[0], result[1]
-    if own is None:
-        return scores[:, :k]
-    keep = ids != own[:, None]
-    # stable: the kept entries stay in rank order; rows that never met their own item drop their last
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(np.where(keep, scores, -np.inf), order, 1)
 
 
 @dataclass
@@ -121,15 +114,6 @@ class CollectionConfig:
     def factory_for(self, version: str) -> str:
         """The factory string used for ``version``'s segment."""
         return self.factories.get(version, self.factory)
-
-
-@dataclass
-class _Plan:
-    segment: Segment
-    version: str
-    route: Route | None
-    how: str
-    calib: tuple[float, float] | None
 
 
 @dataclass
@@ -480,8 +464,8 @@ class Collection:
                              self.name, key, how, after.get(key))
 
     # -- search ---------------------------------------------------------------------------------
-    def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True) -> tuple[list[_Plan], list[str]]:
-        plans: list[_Plan] = []
+    def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True) -> tuple[list[SearchPlan], list[str]]:
+        plans: list[SearchPlan] = []
         skipped: list[str] = []
         for v in sorted(self.segments):
             seg = self.segments[v]
@@ -490,23 +474,23 @@ class Collection:
             calib = self.config.calibration.get(f"{qv}|{v}") if calibrated else None
             c = tuple(calib) if calib else None
             if v == qv:
-                plans.append(_Plan(seg, v, None, "direct", c))
+                plans.append(SearchPlan(seg, v, None, "direct", c))
                 continue
             copy = self.copies.get((v, qv))
             if copy is not None:
-                plans.append(_Plan(copy, v, None, f"copy:{v}>{qv}", c))  # type: ignore[arg-type]
+                plans.append(SearchPlan(copy, v, None, f"copy:{v}>{qv}", c))  # type: ignore[arg-type]
                 continue
             via = None
             for (s, t), cseg in sorted(self.copies.items()):
                 if s == v and (r := self.registry.query_route(qv, t)) is not None:
-                    via = _Plan(cseg, v, r, f"copy:{v}>{t}+query:{'>'.join(r.path)}", c)  # type: ignore[arg-type]
+                    via = SearchPlan(cseg, v, r, f"copy:{v}>{t}+query:{'>'.join(r.path)}", c)  # type: ignore[arg-type]
                     break
             if via is not None:
                 plans.append(via)
                 continue
             route = self.registry.query_route(qv, v)
             if route is not None:
-                plans.append(_Plan(seg, v, route, "query:" + ">".join(route.path), c))  # type: ignore[arg-type]
+                plans.append(SearchPlan(seg, v, route, "query:" + ">".join(route.path), c))  # type: ignore[arg-type]
             elif allow_partial:
                 skipped.append(v)
             else:
@@ -549,7 +533,7 @@ class Collection:
             # slip between the search and what it returns
             with self.lock.read():
                 plans, skipped = self._plan(version, allow_partial)
-                scores, ids, cols = self._search_plans(plans, batch, k)
+                scores, ids, cols = search_plans(plans, batch, k)
                 raw = None
                 if include_metadata:
                     raw = [[self._meta.get(i) if i >= 0 else None for i in row] for row in ids.tolist()]
@@ -590,52 +574,6 @@ class Collection:
     def _decode(m: str | None) -> Any:
         return None if m is None else json.loads(m)
 
-    @staticmethod
-    def _search_plans(plans: list[_Plan], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        nq = len(q)
-        if not plans:
-            return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.int64))
-        cache: dict[int, np.ndarray] = {}
-        ds, is_, cs = [], [], []
-        for n, p in enumerate(plans):
-            if p.route is None:
-                qt = q
-            else:
-                qt = cache.get(id(p.route))
-                if qt is None:
-                    qt = cache[id(p.route)] = p.route.apply(q)
-                    what = f"queries mapped along {p.how}"
-                    finite = np.isfinite(qt).all(axis=1)
-                    if not finite.all():
-                        raise InvalidInputError(f"{what}: row {int(np.flatnonzero(~finite)[0])} is not finite")
-                    if p.segment.metric == "l2":
-                        check_norms(qt, what=what)
-            kk = min(k, p.segment.ntotal)
-            d, i = p.segment.search(qt, kk)
-            if p.calib is not None:
-                d = np.where(i >= 0, d * p.calib[0] + p.calib[1], -np.inf).astype(np.float32)
-            if not np.isfinite(d[i >= 0]).all():
-                # bounded vectors and calibrations keep every score finite; never serve one that is not
-                raise InvalidInputError(
-                    f"segment {p.version} ({p.how}) gave scores beyond float32 range for these queries"
-                )
-            ds.append(d)
-            is_.append(i)
-            cs.append(np.full(i.shape, n, dtype=np.int64))
-        if len(plans) == 1 and ds[0].shape[1] == k:
-            return ds[0], is_[0], cs[0]
-        d_all, i_all, c_all = np.hstack(ds), np.hstack(is_), np.hstack(cs)
-        order = np.argsort(-d_all, axis=1, kind="stable")[:, :k]
-        d_top = np.take_along_axis(d_all, order, 1)
-        i_top = np.take_along_axis(i_all, order, 1)
-        c_top = np.take_along_axis(c_all, order, 1)
-        if d_top.shape[1] < k:
-            pad = k - d_top.shape[1]
-            d_top = np.pad(d_top, ((0, 0), (0, pad)), constant_values=-np.inf)
-            i_top = np.pad(i_top, ((0, 0), (0, pad)), constant_values=-1)
-            c_top = np.pad(c_top, ((0, 0), (0, pad)), constant_values=0)
-        return d_top.astype(np.float32), i_top, c_top
-
     # -- calibration ---------------------------------------------------------------------------
     def set_calibration(self, query_version: str, segment_version: str, scale: float, shift: float) -> None:
         """Map scores of the route ``query_version → segment_version`` to ``scale * score + shift``.
@@ -648,25 +586,13 @@ class Collection:
         if query_version == segment_version:
             raise InvalidInputError("a calibration maps a cross-version route; same-version scores are the reference")
         scale, shift = check_float(scale, "scale"), check_float(shift, "shift")
-        problem = self._calibration_problem(scale, shift)
+        problem = calibration_problem(scale, shift)
         if problem:
             raise InvalidInputError(problem)
         with self.lock.write():
             self._check_live()
             self.config.calibration[f"{query_version}|{segment_version}"] = [scale, shift]
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
-
-    @staticmethod
-    def _calibration_problem(scale: float, shift: float) -> str | None:
-        if not scale > 0:
-            return f"scale must be positive (a calibration must keep the order), got {scale}"
-        if scale > MAX_CALIBRATION_SCALE:
-            return (f"scale {scale:g} is above the limit of {MAX_CALIBRATION_SCALE:g}: calibrated scores could leave "
-                    "float32's range")
-        if not abs(shift) <= MAX_CALIBRATION_SHIFT:
-            return (f"shift {shift:g} is outside ±{MAX_CALIBRATION_SHIFT:g}: calibrated scores could leave "
-                    "float32's range")
-        return None
 
     def clear_calibration(self) -> None:
         """Remove every score calibration."""
@@ -722,18 +648,9 @@ class Collection:
                 )
             if segment_version not in by_v:
                 raise NoRouteError(f"no route from version {query_version} to segment {segment_version}")
-            ref = _top_k_scores(self._search_plans([by_v[query_version]], q, k + extra), own, k)
-            got = _top_k_scores(self._search_plans([by_v[segment_version]], q, k + extra), own, k)
-        ref, got = ref[np.isfinite(ref)], got[np.isfinite(got)]
-        if ref.size == 0 or got.size == 0:
-            raise InvalidInputError(f"cannot calibrate {query_version}|{segment_version}: no scores to match")
-        sd_got = float(got.std())
-        scale = float(ref.std()) / sd_got if sd_got > 1e-12 else 1.0
-        scale = scale if scale > 0 else 1.0
-        shift = float(ref.mean()) - scale * float(got.mean())
-        problem = self._calibration_problem(scale, shift)
-        if problem:
-            raise InvalidInputError(f"the fitted calibration of {query_version}|{segment_version} is unusable: {problem}")
+            ref = top_k_scores(search_plans([by_v[query_version]], q, k + extra), own, k)
+            got = top_k_scores(search_plans([by_v[segment_version]], q, k + extra), own, k)
+        scale, shift = fit_calibration(ref, got, f"{query_version}|{segment_version}")
         self.set_calibration(query_version, segment_version, scale, shift)
         return scale, shift
 
@@ -776,56 +693,6 @@ class Collection:
         _logger.error("%s: %s", self.name, problem)
         self.load_report.append(problem)
 
-    def _relative(self, exc: BaseException) -> str:
-        """``exc``'s message with the snapshot root cut from the paths in it (no absolute server paths)."""
-        msg = str(exc)
-        if self.snapshot_root is not None:
-            for root in {str(self.snapshot_root), str(self.snapshot_root.resolve())}:
-                msg = msg.replace(root + "/", "")
-        return msg
-
-    def _load_snapshot(self) -> int | None:
-        """Load the newest snapshot that verifies; returns its seq (None: none usable)."""
-        if self.snapshot_root is None:
-            return None
-        for path in reversed(snap.list_snapshots(self.snapshot_root, self.name)):
-            try:
-                loaded = snap.verify_snapshot(path)
-                segments: dict[str, Segment] = {}
-                copies: dict[tuple[str, str], Segment] = {}
-                wanted = {tuple(p) for p in self.config.materialised}
-                for e in loaded.entries:
-                    info = e.info
-                    space = info["version"] if info["kind"] == "segment" else info["target"]
-                    if info["factory"] != self.config.factory_for(space):
-                        continue  # config changed since: rebuilt from the store below
-                    if info["kind"] == "copy" and (info["source"], info["target"]) not in wanted:
-                        continue
-                    seg = Segment.read(
-                        path / e.file, dim=info["dim"], factory=info["factory"], metric=info["metric"],
-                        trained=info["trained"], train_size=self.config.train_size,
-                        search_params=self.config.search_params, device=self.config.device, mmap=self.mmap,
-                    )
-                    if seg.ntotal != info["ntotal"]:
-                        raise ValueError(f"{path / e.file}: holds {seg.ntotal} vectors, manifest says {info['ntotal']}")
-                    if info["kind"] == "segment":
-                        segments[info["version"]] = seg
-                    else:
-                        copies[(info["source"], info["target"])] = seg
-            except Exception as exc:  # any failure means: not this snapshot
-                # reports are served (collection stats): name snapshots relative to the snapshot root
-                rel = f"{self.name}/{path.name}"
-                self._report(f"snapshot {rel} is unusable and was quarantined: {self._relative(exc)}")
-                try:
-                    snap.quarantine(path)
-                except OSError as qexc:
-                    self._report(f"could not quarantine {rel}: {qexc.strerror or type(qexc).__name__}")
-                continue
-            self.segments, self.copies = segments, copies
-            self.snapshot_seq = loaded.seq
-            return loaded.seq
-        return None
-
     def load(self) -> None:
         """Rebuild the in-memory state: the newest good snapshot, then the store's later rows.
 
@@ -835,7 +702,7 @@ class Collection:
         """
         t0 = time.perf_counter()
         for key, (scale, shift) in list(self.config.calibration.items()):
-            problem = self._calibration_problem(float(scale), float(shift))
+            problem = calibration_problem(float(scale), float(shift))
             if problem:  # stored before calibrations were bounded: it would serve non-finite scores
                 del self.config.calibration[key]
                 self._report(f"calibration of {key} dropped: {problem}")
@@ -847,7 +714,14 @@ class Collection:
                     self._where[i] = v
                     self._meta[i] = m
             counts = self.store.count(self.name)
-            snap_seq = self._load_snapshot()
+            loaded = None
+            if self.snapshot_root is not None:
+                loaded = load_newest_snapshot(self.snapshot_root, self.name, self.config, mmap=self.mmap,
+                                              report=self._report)
+            snap_seq = None
+            if loaded is not None:
+                snap_seq, self.segments, self.copies = loaded
+                self.snapshot_seq = snap_seq
             replayed = 0
             if snap_seq is None:
                 self.segments, self.copies = {}, {}

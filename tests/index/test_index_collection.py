@@ -21,6 +21,7 @@ from compatembed_index.errors import (
     NoRouteError,
     VersionNotFoundError,
 )
+from compatembed_index.merge import search_plans
 
 from index_helpers import Chain, assert_same_topk, normalize, oracle_topk, write_version
 
@@ -266,8 +267,8 @@ def test_fitted_calibration_matches_score_moments(chain):
     plans, _ = coll._plan("v3", False, calibrated=True)
     by = {p.version: p for p in plans}
     qn = normalize(held_out).astype(np.float32)
-    ref = coll._search_plans([by["v3"]], qn, 10)[0]
-    got = coll._search_plans([by["v1"]], qn, 10)[0]
+    ref = search_plans([by["v3"]], qn, 10)[0]
+    got = search_plans([by["v1"]], qn, 10)[0]
     assert abs(got.mean() - ref.mean()) < 1e-4 and abs(got.std() - ref.std()) < 1e-4
 
 

@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
+from compatembed_index import collection as collection_module
 from compatembed_index.api import IndexService
 from compatembed_index.batching import SearchBatcher
 from compatembed_index.client import IndexClient
@@ -133,12 +134,12 @@ def _service(gallery, batch: bool) -> IndexService:
     return svc
 
 
-def test_concurrent_searches_equal_the_brute_force_oracle(gallery):
+def test_concurrent_searches_equal_the_brute_force_oracle(gallery, monkeypatch):
     """Many threads, one query each, mixed versions: every answer is the oracle's, with its own metadata."""
     chain, x, ids = gallery
     svc = _service(gallery, batch=True)
     coll = svc.collection("g")
-    slow = coll._search_plans
+    slow = collection_module.search_plans
     entered = threading.Event()
 
     def first_slow(plans, q, k):  # hold the first batch long enough for the others to queue behind it
@@ -147,7 +148,7 @@ def test_concurrent_searches_equal_the_brute_force_oracle(gallery):
             time.sleep(0.3)
         return slow(plans, q, k)
 
-    coll._search_plans = first_slow
+    monkeypatch.setattr(collection_module, "search_plans", first_slow)
     q3 = np.random.default_rng(4).normal(size=(24, Chain.D3))
     with ThreadPoolExecutor(24) as pool:
         answers = list(pool.map(lambda i: svc.search("g", "v3", q3[i:i + 1], k=7), range(24)))

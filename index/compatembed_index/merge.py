@@ -1,0 +1,75 @@
+"""Search the planned segments and merge their top-k lists by (calibrated) score.
+
+A plan names, per segment, the index to search (the segment itself or a forward-upgraded copy), the
+route that maps the queries into its space (None: as is) and the affine score calibration of that
+route. Every mapped query and every score is checked finite: a non-finite value is refused, never
+served or ranked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compatembed_index.errors import InvalidInputError
+from compatembed_index.registry import Route
+from compatembed_index.segment import Segment
+from compatembed_index.validation import check_norms
+
+
+@dataclass
+class SearchPlan:
+    """How one segment is searched for a query version: the index, the query route, the score map."""
+
+    segment: Segment
+    version: str
+    route: Route | None
+    how: str
+    calib: tuple[float, float] | None
+
+
+def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nq = len(q)
+    if not plans:
+        return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.int64))
+    cache: dict[int, np.ndarray] = {}
+    ds, is_, cs = [], [], []
+    for n, p in enumerate(plans):
+        if p.route is None:
+            qt = q
+        else:
+            qt = cache.get(id(p.route))
+            if qt is None:
+                qt = cache[id(p.route)] = p.route.apply(q)
+                what = f"queries mapped along {p.how}"
+                finite = np.isfinite(qt).all(axis=1)
+                if not finite.all():
+                    raise InvalidInputError(f"{what}: row {int(np.flatnonzero(~finite)[0])} is not finite")
+                if p.segment.metric == "l2":
+                    check_norms(qt, what=what)
+        kk = min(k, p.segment.ntotal)
+        d, i = p.segment.search(qt, kk)
+        if p.calib is not None:
+            d = np.where(i >= 0, d * p.calib[0] + p.calib[1], -np.inf).astype(np.float32)
+        if not np.isfinite(d[i >= 0]).all():
+            # bounded vectors and calibrations keep every score finite; never serve one that is not
+            raise InvalidInputError(
+                f"segment {p.version} ({p.how}) gave scores beyond float32 range for these queries"
+            )
+        ds.append(d)
+        is_.append(i)
+        cs.append(np.full(i.shape, n, dtype=np.int64))
+    if len(plans) == 1 and ds[0].shape[1] == k:
+        return ds[0], is_[0], cs[0]
+    d_all, i_all, c_all = np.hstack(ds), np.hstack(is_), np.hstack(cs)
+    order = np.argsort(-d_all, axis=1, kind="stable")[:, :k]
+    d_top = np.take_along_axis(d_all, order, 1)
+    i_top = np.take_along_axis(i_all, order, 1)
+    c_top = np.take_along_axis(c_all, order, 1)
+    if d_top.shape[1] < k:
+        pad = k - d_top.shape[1]
+        d_top = np.pad(d_top, ((0, 0), (0, pad)), constant_values=-np.inf)
+        i_top = np.pad(i_top, ((0, 0), (0, pad)), constant_values=-1)
+        c_top = np.pad(c_top, ((0, 0), (0, pad)), constant_values=0)
+    return d_top.astype(np.float32), i_top, c_top
