@@ -24,10 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.parametrizations import orthogonal
 
 from compatembed.errors import ConfigError
-from compatembed.models.orthogonal import check_orthogonal_map
+from compatembed.models.orthogonal import check_orthogonal_map, make_orthogonal
 
 DEVIATIONS = ("gram", "spectral")
 """Deviation-from-orthogonality measures: ``gram`` = ‖G − I‖_F, ``spectral`` = max_i |σ_i − 1|."""
@@ -149,7 +148,7 @@ class AffineMap(nn.Module):
         out_dim: d_out (the old model's embedding size).
         orthogonal_weight: keep W exactly (semi-)orthogonal through
             ``torch.nn.utils.parametrizations.orthogonal`` (the λ = 0 case).
-        orthogonal_map: ``matrix_exp`` | ``cayley`` | ``householder`` (only with ``orthogonal_weight``).
+        orthogonal_map: any of :data:`compatembed.models.orthogonal.ORTHOGONAL_MAPS` (only with ``orthogonal_weight``).
         bias: learn a free bias b (else there is no b: exactly zero).
         in_mean / out_mean: fixed centring vectors μ_in (d_in,) and μ_out (d_out,) (default zeros).
     """
@@ -170,7 +169,7 @@ class AffineMap(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim, bias=False, dtype=torch.float64)
         self.orthogonal_weight = orthogonal_weight
         if orthogonal_weight:
-            orthogonal(self.linear, orthogonal_map=orthogonal_map)
+            make_orthogonal(self.linear, orthogonal_map)
         self.bias = nn.Parameter(torch.zeros(out_dim, dtype=torch.float64)) if bias else None
         self.register_buffer("in_mean", torch.zeros(in_dim, dtype=torch.float64) if in_mean is None else in_mean.double().clone())
         self.register_buffer(

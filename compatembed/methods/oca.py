@@ -46,7 +46,8 @@ class OCA(Method):
         pull_weight: γ, 1 − cos(P[y], ĝ).
         label_smoothing: of both cross-entropies (0.1 in the public code).
         influence_scale: s, multiplies the cosine logits ĝ·Pᵀ (the notes use none: 1).
-        orthogonal_map: ``matrix_exp`` (the public code's, PyTorch's default), ``cayley``, ``householder``.
+        orthogonal_map: ``matrix_exp`` (the public code's, PyTorch's default) or any of
+            :data:`compatembed.models.orthogonal.ORTHOGONAL_MAPS` (``givens``, ``butterfly``, ``householder_chain:8``, ...).
         transform_bias: the bias c of the transformation layer (present in the public code).
     """
 
