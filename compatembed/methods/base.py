@@ -49,6 +49,7 @@ class MethodContext:
         batch_size / num_workers: for feature extraction passes.
         model_config: the new model's instantiable config (methods derive the deployed config from it).
         cache_dir: where teacher features may be cached (None: no cache).
+        progress: show progress bars for feature extraction passes (``trainer.progress``).
     """
 
     train_set: Dataset
@@ -60,6 +61,7 @@ class MethodContext:
     num_workers: int = 0
     model_config: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
+    progress: bool = True
 
     def labels(self) -> torch.Tensor:
         """Labels of ``train_set`` in item order, read from its ``targets`` (no image is decoded).
@@ -91,7 +93,8 @@ class MethodContext:
             return torch.load(cache, weights_only=True)
         model = model.to(self.device)
         feats = embed_dataset(
-            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}"
+            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}",
+            progress=self.progress,
         ).embeddings
         out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
         if cache is not None:

@@ -71,6 +71,7 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
         num_workers=resolve_num_workers(loader_cfg.num_workers),
         model_config=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
         cache_dir=Path(cfg.paths.cache_dir) if cfg.paths.cache_dir else None,
+        progress=bool(cfg.trainer.progress),
     )
     method.setup(ctx)
     return method, train_set, ctx
