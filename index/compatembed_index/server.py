@@ -352,7 +352,8 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500  # what the client sees if the app raises before it starts a response
+        status: int | None = None
+        raised = False
 
         async def send_status(msg: Message) -> None:
             nonlocal status
@@ -362,9 +363,15 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except BaseException:
+            raised = True
+            raise
         finally:
+            # no response started: 500 if the app raised (the server answers that), else the client went
+            # away before an answer (a disconnect mid-body): 499, "client closed request", not a server error
+            code = status if status is not None else (500 if raised else 499)
             path = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope["method"], path, str(status)).inc()
+            self.requests.labels(scope["method"], path, str(code)).inc()
             self.latency.labels(path).observe(time.perf_counter() - t0)
 
 

@@ -66,6 +66,29 @@ def test_probes_and_metrics(http):
     assert count(text, timed) == count(before, timed) + 2
 
 
+def test_a_client_that_leaves_mid_body_is_not_counted_as_a_server_error(served, http):
+    """The body middleware sees the disconnect and answers nothing: /metrics says 499, never 500."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(served[0])
+    series = 'compatembed_index_requests_total{method="POST",route="unmatched",status="%s"}'
+
+    def count(status: str) -> float:
+        lines = [ln for ln in http.get("/metrics").text.splitlines() if ln.startswith(series % status + " ")]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    before_499, before_500 = count("499"), count("500")
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(b"POST /collections/g/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"version\": ")
+    deadline = time.monotonic() + 10
+    while count("499") == before_499:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.05)
+    assert count("500") == before_500
+
+
 def test_http_search_equals_in_process_search(served, http):
     _, svc, _ = served
     q = np.random.default_rng(1).normal(size=(6, 32))
