@@ -516,8 +516,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         d = phases.get(ph) or {}
         if (d.get("server_5xx_in_metrics") or 0) > (d.get("server_errors_5xx") or 0):
             lines.append(f"- {ph}: the server's /metrics counted {d['server_5xx_in_metrics']} 5xx where clients received "
-                         f"{d.get('server_errors_5xx')} (a request answered by uvicorn itself, before the app, is "
-                         "counted as a 500 there)")
+                         f"{d.get('server_errors_5xx')} (the server counted errors its clients never "
+                         "received: look at its log)")
         for ex in d.get("unhandled_examples") or []:
             lines.append(f"- {ph}: unhandled error in the server log: `{_cell(ex)[:300]}`")
     kill = phases.get("kill")
