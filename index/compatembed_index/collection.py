@@ -543,7 +543,8 @@ class Collection:
         slots = self.limits.max_result_slots
         out, rows = self._batcher.run((version, k, allow_partial, include_metadata), q, run,
                                       max_rows=None if slots is None else max(1, slots // k))
-        ids, scores, cols = out.ids[rows], out.scores[rows], out.cols[rows]
+        # copies: a caller that edits its result must not edit those of the requests it was batched with
+        ids, scores, cols = out.ids[rows].copy(), out.scores[rows].copy(), out.cols[rows]
         raw = None if out.metadata is None else out.metadata[rows]
         versions = [[out.names[c] if i >= 0 else None for i, c in zip(ri, rc)]
                     for ri, rc in zip(ids.tolist(), cols.tolist())]
