@@ -129,14 +129,8 @@ def embed_dataset(
 
 
 def extract_split(
-    version_dir: str | Path,
-    data_cfg: DictConfig,
-    split: str,
-    *,
-    device: str = "auto",
-    batch_size: int = 256,
-    num_workers: int = 0,
-    progress: bool = True,
+    version_dir: str | Path, data_cfg: DictConfig, split: str, *, device: str = "auto", batch_size: int = 256,
+    num_workers: int = 0, progress: bool = True,
 ) -> EmbeddingSet:
     """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing)."""
     loaded = load_model_version(version_dir)

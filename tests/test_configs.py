@@ -63,12 +63,20 @@ def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, c
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key
 
 
+def _keywords(cls: type) -> set[str]:
+    """The keywords ``cls(...)`` takes: its own, and through ``**kwargs`` those of the base class it passes them to."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        names |= _keywords(cls.__mro__[1])
+    return names
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "method").glob("*.yaml")))
 def test_method_config_mirrors_the_constructor(name):
     """Every keyword the method class takes is in its YAML and every YAML key is a keyword: no option is unreachable."""
-    import inspect
-
     node = OmegaConf.load(CONF / "method" / f"{name}.yaml")
-    params = inspect.signature(get_class(node._target_).__init__).parameters
-    accepted = {p for p in params if p not in ("self", "model", "num_classes")}
+    accepted = _keywords(get_class(node._target_)) - {"self", "model", "num_classes"}
     assert set(node) - {"_target_"} == accepted

@@ -26,7 +26,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ import faiss
 import numpy as np
 
 from compatembed_index.api import IndexService
+from compatembed_index.registry import write_version_dir
 from compatembed_index.segment import Segment
 
 LOG = logging.getLogger("bench_index")
@@ -51,30 +51,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # -- model version directories (the contract of docs/model_version_format.md) ------------------------
-def _write_version(root: Path, vid: str, dim: int, edges: list[dict[str, Any]],
-                   arrays: dict[str, dict[str, np.ndarray]]) -> Path:
-    vdir = root / vid
-    (vdir / "transforms").mkdir(parents=True, exist_ok=True)
-    files = {}
-    for rel, arrs in arrays.items():
-        np.savez(vdir / rel, **{k: v.astype(np.float32) for k, v in arrs.items()})
-        files[rel] = hashlib.sha256((vdir / rel).read_bytes()).hexdigest()
-    manifest = {"format": "compatembed.model_version/1", "version_id": vid,
-                "embedding": {"dim": dim, "normalized": True, "dtype": "float32"},
-                "compatibility": edges, "files": files}
-    (vdir / "manifest.json").write_text(json.dumps(manifest))
-    return vdir
-
-
 def make_chain(root: Path, d1: int, d2: int, d3: int, rng: np.random.Generator) -> dict[str, Any]:
     """v1 (d1) ← prefix ← v2 (d2) ← affine ← v3 (d3), plus a forward MLP v1 → v3. Returns the arrays."""
     w = rng.normal(size=(d2, d3)) / np.sqrt(d3)
     b = rng.normal(size=d2) * 0.01
     fwd = {"w0": rng.normal(size=(2 * d3, d1)) / np.sqrt(d1), "b0": np.zeros(2 * d3),
            "w1": rng.normal(size=(d3, 2 * d3)) / np.sqrt(2 * d3), "b1": np.zeros(d3)}
-    _write_version(root, "v1", d1, [], {})
-    _write_version(root, "v2", d2, [{"kind": "prefix", "target": "v1", "dim": d1}], {})
-    _write_version(root, "v3", d3, [
+    write_version_dir(root, "v1", d1, [])
+    write_version_dir(root, "v2", d2, [{"kind": "prefix", "target": "v1", "dim": d1}])
+    write_version_dir(root, "v3", d3, [
         {"kind": "affine", "target": "v2", "file": "transforms/affine_to_v2.npz", "normalize_output": True},
         {"kind": "forward", "source": "v1", "file": "transforms/forward_from_v1.npz", "activation": "relu",
          "normalize_output": True},

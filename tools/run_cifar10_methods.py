@@ -287,16 +287,23 @@ def _mean_spread(s: dict[str, float | None], scale: float = 100.0, fmt: str = "{
     return text
 
 
+_COLUMNS = {  # the summary table's columns (header → markdown alignment), in the order render() fills them
+    "method": "---", "baseline": "---", "seeds": "---", "old/old top-1 / mAP": "---", "new/new top-1 / mAP": "---",
+    "new/old top-1 / mAP": "---", "ECC top-1": "---", "ECC mAP": "---", "gain top-1 / mAP": "---",
+    "Δ new/new vs baseline top-1 / mAP": "---", "step time × baseline": "---:", "min per run": "---:", "route": "---",
+}
+
+
 def render(payload: dict[str, Any]) -> str:
+    """The markdown summary: one row per method (mean ± half the range over the seeds), then how to read it."""
+    header = ["| " + " | ".join(_COLUMNS) + " |", "|" + "|".join(_COLUMNS.values()) + "|"]
     lines = [
         f"# Compatibility methods on the shared CIFAR-10 ({payload['scenario']} old model)",
         "",
         f"{payload['protocol']}. Values in %, mean ± half the range over the seeds; made by "
         f"`{payload['command'].strip()}`.",
         "",
-        "| method | baseline | seeds | old/old top-1 / mAP | new/new top-1 / mAP | new/old top-1 / mAP | ECC top-1 | ECC mAP "
-        "| gain top-1 / mAP | Δ new/new vs baseline top-1 / mAP | step time × baseline | min per run | route |",
-        "|---|---|---|---|---|---|---|---|---|---|---:|---:|---|",
+        *header,
     ]
     for r in payload["methods"]:
         n = len(r["seeds"])
@@ -312,7 +319,7 @@ def render(payload: dict[str, Any]) -> str:
             f"{r['compatible']['mAP']}/{n} | {gain} | {delta} | {ratio} | {wall} | {r['route']} |"
         )
     for method, reason in payload.get("failed", {}).items():
-        lines.append(f"| {method} | failed: {reason} |" + " |" * 11)
+        lines.append(f"| {method} | failed: {reason} |" + " |" * (len(_COLUMNS) - 2))
     m = payload["machine"]
     old_wall = payload.get("old_wall_s")
     lines += [

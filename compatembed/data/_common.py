@@ -71,3 +71,13 @@ def open_rgb(path: str) -> Image.Image:
 def as_int64(values: Any) -> np.ndarray:
     """Return ``values`` as a contiguous int64 array of shape ``(N,)``."""
     return np.ascontiguousarray(np.asarray(values, dtype=np.int64).reshape(-1))
+
+
+def pixel_item(pixels: np.ndarray, targets: np.ndarray, index: int, transform: Transform | None) -> tuple[Any, int]:
+    """Item ``index`` of a dataset held as decoded ``(N, H, W, 3)`` uint8 pixels: the PIL image (transformed) and its label.
+
+    Every in-memory dataset (CIFAR, synthetic, decoded array cache) serves its items through this one function,
+    so an image reaches the transform the same way whichever of them holds it.
+    """
+    image = Image.fromarray(np.asarray(pixels[index]))
+    return (transform(image) if transform is not None else image), int(targets[index])

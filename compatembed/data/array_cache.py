@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from compatembed.data._common import LabeledImageDataset, Transform
+from compatembed.data._common import LabeledImageDataset, Transform, pixel_item
 from compatembed.data.folder import ImageFolderDir
 from compatembed.data.tar import ImageFolderTar
 from compatembed.errors import DataError
@@ -86,8 +85,7 @@ class ArrayImages(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(np.asarray(self.pixels[index]))
-        return (self.transform(image) if self.transform is not None else image), int(self.targets[index])
+        return pixel_item(self.pixels, self.targets, index, self.transform)
 
     def __repr__(self) -> str:
         h, w = self.image_size

@@ -7,10 +7,9 @@ import os
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from compatembed.data._common import Transform, as_int64
+from compatembed.data._common import Transform, as_int64, pixel_item
 from compatembed.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -78,9 +77,7 @@ class TorchvisionCIFAR(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.data[index])
-        label = int(self.targets[index])
-        return (self.transform(image) if self.transform is not None else image), label
+        return pixel_item(self.data, self.targets, index, self.transform)
 
     def __repr__(self) -> str:
         split = "train" if self.train else "test"

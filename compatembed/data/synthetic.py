@@ -7,10 +7,9 @@ import logging
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from compatembed.data._common import Transform
+from compatembed.data._common import Transform, pixel_item
 from compatembed.errors import DataError
 
 _logger = logging.getLogger(__name__)
@@ -98,9 +97,7 @@ class SyntheticImages(Dataset):
         return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.data[index])
-        label = int(self.targets[index])
-        return (self.transform(image) if self.transform is not None else image), label
+        return pixel_item(self.data, self.targets, index, self.transform)
 
     def __repr__(self) -> str:
         return (

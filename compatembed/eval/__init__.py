@@ -17,11 +17,12 @@ from compatembed.eval.compatibility import (
 )
 from compatembed.eval.matrix import CompatibilityMatrix, GateResult, compute_matrix, gate, summarise_matrix
 from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
-from compatembed.eval.retrieval import RetrievalEvaluator, list_metrics, per_query_metrics, retrieval_metrics
+from compatembed.eval.retrieval import RetrievalEvaluator, RetrievalOptions, list_metrics, per_query_metrics, retrieval_metrics
 from compatembed.eval.tables import matrix_markdown, pair_table_markdown
 
 __all__ = [
     "RetrievalEvaluator",
+    "RetrievalOptions",
     "average_compatibility",
     "average_multimodel_accuracy",
     "check_compatibility_matrix",

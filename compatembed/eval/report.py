@@ -24,15 +24,7 @@ from tqdm.auto import tqdm
 
 from compatembed.embeddings import EmbeddingSet, extract_split, load_or_extract
 from compatembed.errors import ConfigError
-from compatembed.eval.backfill import (
-    ORDERS,
-    average_curves,
-    backfill_curve,
-    fraction_grid,
-    neighbour_margin_order,
-    prototype_margin_order,
-    random_order,
-)
+from compatembed.eval import backfill
 from compatembed.eval.matrix import CompatibilityMatrix, compute_matrix, gate, summarise_matrix
 from compatembed.eval.mixed_gallery import MixedGallery, split_gallery
 from compatembed.eval.pairs import evaluate_pair
@@ -136,18 +128,18 @@ def _run_backfill(
             raise ConfigError(f"backfill version {v!r} is not one of the report's versions {names}")
     if names.index(old) >= names.index(new):
         raise ConfigError(f"backfill.old ({old}) must be older than backfill.new ({new})")
-    fractions = fraction_grid(int(bcfg.points))
+    fractions = backfill.fraction_grid(int(bcfg.points))
     orders: dict[str, np.ndarray | list[np.ndarray]] = {}
     for name in bcfg.orders:
-        if name not in ORDERS:
-            raise ConfigError(f"unknown backfill order {name!r}; known: {', '.join(ORDERS)}")
+        if name not in backfill.ORDERS:
+            raise ConfigError(f"unknown backfill order {name!r}; known: {', '.join(backfill.ORDERS)}")
         if name == "random":
-            orders[name] = [random_order(gallery.ids, int(seed)) for seed in bcfg.seeds]
+            orders[name] = [backfill.random_order(gallery.ids, int(seed)) for seed in bcfg.seeds]
         elif name == "neighbour_margin":
-            orders[name] = neighbour_margin_order(gallery.ids, gallery.vectors(old))
+            orders[name] = backfill.neighbour_margin_order(gallery.ids, gallery.vectors(old))
         else:
             train = _prototype_train_set(cfg, dirs[names.index(old)], kwargs)
-            orders[name] = prototype_margin_order(gallery.ids, gallery.vectors(old), train.embeddings, train.labels)
+            orders[name] = backfill.prototype_margin_order(gallery.ids, gallery.vectors(old), train.embeddings, train.labels)
     with_forward = gallery.service.registry.forward_route(old, new) is not None
     if str(bcfg.forward) == "auto":
         forward_modes = [False, True] if with_forward else [False]
@@ -167,13 +159,13 @@ def _run_backfill(
         runs = o if isinstance(o, list) else [o]
         measured = []
         for order in runs:
-            measured.append(backfill_curve(gallery, old_version=old, new_version=new, order=order, fractions=fractions,
-                                           forward=fwd, metrics=metrics, calibrate=cal))
+            measured.append(backfill.backfill_curve(gallery, old_version=old, new_version=new, order=order,
+                                                    fractions=fractions, forward=fwd, metrics=metrics, calibrate=cal))
             bar.update(len(fractions))
         label = f"{name} + forward map" if fwd else f"{name}, calibrated" if cal else name
         if name == "random":
             label += f" (mean of {len(runs)} seeds)" if len(runs) > 1 else ""
-            curves[label] = average_curves(measured, metrics)
+            curves[label] = backfill.average_curves(measured, metrics)
         else:
             curves[label] = measured[0]
     bar.close()

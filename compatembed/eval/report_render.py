@@ -34,6 +34,15 @@ SECTIONS = (
     "Files",
 )
 _LABELS = {"top1": "top-1", "top5": "top-5", "mAP": "mAP", "mAP@R": "mAP@R"}
+_DEFINITIONS = {
+    "Empirical compatibility criterion": "M(new, old) > M(old, old), strict (a tie is not compatible): the newer model's "
+    "queries must retrieve from the older gallery better than the older model does itself.",
+    "AC and AM": "AC: fraction of pairs t > j that meet the criterion. AM: mean of C[t][j] over j ≤ t, diagonal included; "
+    "a cross test that retrieves nothing counts as a genuine zero (it is not dropped).",
+    "Update gain": "Per upgrade step: [M(new, old) − M(old, old)] / [M(new*, new*) − M(old, old)], new* an independently "
+    "trained model of the same step (1 = as good as a full backfill with new*, 0 = no gain).",
+}
+"""What the sections that report a fixed measure define it as, said under their heading by :func:`_opening`."""
 
 
 def _pct(value: Any, digits: int = 1) -> str:
@@ -47,6 +56,18 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: Sequence
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(align) + "|"]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _opening(title: str) -> list[str]:
+    """A section's heading and the paragraph that defines what it measures (:data:`_DEFINITIONS`)."""
+    return [f"## {title}", "", _DEFINITIONS[title], ""]
+
+
+def _by_metric(report: Mapping[str, Any], metrics: Sequence[str], key: str) -> list[tuple[Any, list[tuple[str, Any]]]]:
+    """Each entry of ``summary[metric][key]`` (the pairs or the upgrade steps, listed alike for every metric) with
+    its value under each metric, as ``(entry, [(metric, value), ...])``: one table row per entry, one cell per metric."""
+    entries = report["summary"][metrics[0]][key]
+    return [(entry, [(m, report["summary"][m][key][k]) for m in metrics]) for k, entry in enumerate(entries)]
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -109,48 +130,30 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append(f"![compatibility matrix]({report['plots']['heatmap']})")
         out.append("")
 
-    out += ["## Empirical compatibility criterion", ""]
-    out.append("M(new, old) > M(old, old), strict (a tie is not compatible): the newer model's queries must retrieve "
-               "from the older gallery better than the older model does itself.")
-    out.append("")
-    pairs = report["summary"][metrics[0]]["criterion"]
+    out += _opening("Empirical compatibility criterion")
+    pairs = _by_metric(report, metrics, "criterion")
     if pairs:
-        rows = []
-        for k, p in enumerate(pairs):
-            row = [f"`{p['query']}` / `{p['gallery']}`"]
-            for metric in metrics:
-                q = report["summary"][metric]["criterion"][k]
-                row.append(f"{_pct(q['cross'])} vs {_pct(q['old_self'])}: {'holds' if q['holds'] else '**fails**'}")
-            rows.append(row)
+        rows = [[f"`{p['query']}` / `{p['gallery']}`",
+                 *(f"{_pct(q['cross'])} vs {_pct(q['old_self'])}: {'holds' if q['holds'] else '**fails**'}" for _, q in per)]
+                for p, per in pairs]
         out.append(_table(["new / old", *(f"{_LABELS.get(m, m)} new/old vs old/old" for m in metrics)], rows,
                           ["---"] * (1 + len(metrics))))
     else:
         out.append("One version only: no pair to judge.")
         out.append("")
 
-    out += ["## AC and AM", ""]
-    out.append("AC: fraction of pairs t > j that meet the criterion. AM: mean of C[t][j] over j ≤ t, diagonal included; "
-               "a cross test that retrieves nothing counts as a genuine zero (it is not dropped).")
-    out.append("")
+    out += _opening("AC and AM")
     summary = report["summary"]
     out.append(_table(["metric", "AC (%)", "AM (%)"],
                       [[_LABELS.get(m, m), _pct(summary[m]["AC"], 0), _pct(summary[m]["AM"])] for m in metrics]))
 
-    out += ["## Update gain", ""]
-    out.append("Per upgrade step: [M(new, old) − M(old, old)] / [M(new*, new*) − M(old, old)], new* an independently "
-               "trained model of the same step (1 = as good as a full backfill with new*, 0 = no gain).")
-    out.append("")
-    steps = report["summary"][metrics[0]]["update_gain"]
+    out += _opening("Update gain")
+    steps = _by_metric(report, metrics, "update_gain")
     if steps:
-        rows, notes = [], []
-        for k, step in enumerate(steps):
-            row = [step["step"]]
-            for metric in metrics:
-                g_ = report["summary"][metric]["update_gain"][k]
-                row.append(f"{g_['value']:.3f}" if g_["value"] is not None else "n/a")
-                if g_["value"] is None:
-                    notes.append(f"{step['step']}, {_LABELS.get(metric, metric)}: {g_['note']}")
-            rows.append(row)
+        rows = [[step["step"], *(f"{g_['value']:.3f}" if g_["value"] is not None else "n/a" for _, g_ in per)]
+                for step, per in steps]
+        notes = [f"{step['step']}, {_LABELS.get(m, m)}: {g_['note']}"
+                 for step, per in steps for m, g_ in per if g_["value"] is None]
         out.append(_table(["step", *(_LABELS.get(m, m) for m in metrics)], rows))
         out += [f"- {n}" for n in dict.fromkeys(n.split(", ", 1)[0] + ": " + n.split(": ", 1)[1] for n in notes)]
         if notes:
@@ -159,70 +162,73 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         out.append("One version only: no upgrade step.")
         out.append("")
 
-    out += ["## Mixed-version gallery", ""]
-    mixed = report.get("mixed")
-    if mixed and mixed.get("rows"):
-        out.append(f"The gallery split across versions in the given fractions (items drawn at random, seed {mixed['seed']}), "
-                   f"stored in the index service and searched by `{mixed['query']}` queries through the service's own "
-                   f"search path (full ranking, k = gallery size; {mixed.get('num_queries', '?')} queries). "
-                   f"{mixed.get('note', '')}".rstrip())
-        out.append("")
-        calibrated = any("calibrated" in r for r in mixed["rows"])
-        if calibrated:
-            out.append("`calibrated`: the same gallery searched again after the service fitted each cross-version "
-                       "route's score calibration (`IndexService.calibrate`: moment matching of top-k scores) from "
-                       f"`{mixed['query']}` items stored in the gallery that are not evaluation queries (their own match "
-                       "left out); — where the query version stores too few items to fit it.")
-            out.append("")
-        rows = []
-        for r in mixed["rows"]:
-            split = ", ".join(f"{100 * f:.0f}% `{v}`" for v, f in r["fractions"].items() if f > 0)
-            parts = [f"{v}: {how}" for v, how in r["routes"].items()]
-            if r.get("skipped"):
-                parts.append("skipped (no route, ranked last): " + ", ".join(r["skipped"]))
-            routes = "; ".join(parts)
-            cal = [_pct(r["calibrated"][m]) if "calibrated" in r else "—" for m in metrics] if calibrated else []
-            rows.append([split, *(_pct(r[m]) for m in metrics), *cal, routes])
-        labels = [_LABELS.get(m, m) for m in metrics]
-        out.append(_table(["gallery", *labels, *(f"{label} calibrated" for label in labels if calibrated), "routes"], rows,
-                          ["---"] + ["---:"] * (len(metrics) * (2 if calibrated else 1)) + ["---"]))
-    else:
-        out.append(f"Not run ({(mixed or {}).get('reason', 'mixed.enabled=false')}).")
-        out.append("")
-
-    out += ["## Backfill curves", ""]
-    bf = report.get("backfill")
-    if bf and bf.get("curves"):
-        out.append(f"Every item starts as its `{bf['old']}` vector; items are re-embedded with `{bf['new']}` "
-                   f"(`IndexService.upgrade`) in the order named, and `{bf['new']}` queries search the mixed gallery "
-                   f"through the service at each fraction ({bf.get('num_queries', '?')} queries, full ranking).")
-        out.append("")
-        for name, text in bf.get("orders", {}).items():
-            out.append(f"- `{name}`: {text}")
-        for note in bf.get("notes", []):
-            out.append(f"- {note}")
-        out.append("")
-        metric = bf.get("table_metric", "mAP")
-        curves = bf["curves"]
-        fractions = [p["fraction"] for p in next(iter(curves.values()))]
-        rows = []
-        for k, f in enumerate(fractions):
-            rows.append([f"{100 * f:.0f}%", *(_pct(points[k][metric]) for points in curves.values())])
-        out.append(f"{_LABELS.get(metric, metric)} (%) by fraction upgraded:")
-        out.append("")
-        out.append(_table(["upgraded", *curves.keys()], rows))
-        if report.get("plots", {}).get("backfill"):
-            out.append(f"![backfill curves]({report['plots']['backfill']})")
-            out.append("")
-    else:
-        out.append(f"Not run ({(bf or {}).get('reason', 'backfill.enabled=false')}).")
-        out.append("")
+    for title, key, measured, section in (("Mixed-version gallery", "mixed", "rows", _mixed_section),
+                                          ("Backfill curves", "backfill", "curves", _backfill_section)):
+        out += [f"## {title}", ""]
+        part = report.get(key)
+        if part and part.get(measured):
+            out += section(part, report, metrics)
+        else:  # a stage that was not run says why
+            out += [f"Not run ({(part or {}).get('reason', f'{key}.enabled=false')}).", ""]
 
     out += ["## Files", ""]
     for name, rel in report.get("files", {}).items():
         out.append(f"- {name}: [`{rel}`]({rel})")
     out.append("")
     return "\n".join(out)
+
+
+def _mixed_section(mixed: Mapping[str, Any], report: Mapping[str, Any], metrics: Sequence[str]) -> list[str]:
+    """The body of "Mixed-version gallery": the protocol, then one row per split of the gallery."""
+    out = [f"The gallery split across versions in the given fractions (items drawn at random, seed {mixed['seed']}), "
+           f"stored in the index service and searched by `{mixed['query']}` queries through the service's own "
+           f"search path (full ranking, k = gallery size; {mixed.get('num_queries', '?')} queries). "
+           f"{mixed.get('note', '')}".rstrip(), ""]
+    calibrated = any("calibrated" in r for r in mixed["rows"])
+    if calibrated:
+        out.append("`calibrated`: the same gallery searched again after the service fitted each cross-version "
+                   "route's score calibration (`IndexService.calibrate`: moment matching of top-k scores) from "
+                   f"`{mixed['query']}` items stored in the gallery that are not evaluation queries (their own match "
+                   "left out); — where the query version stores too few items to fit it.")
+        out.append("")
+    rows = []
+    for r in mixed["rows"]:
+        split = ", ".join(f"{100 * f:.0f}% `{v}`" for v, f in r["fractions"].items() if f > 0)
+        parts = [f"{v}: {how}" for v, how in r["routes"].items()]
+        if r.get("skipped"):
+            parts.append("skipped (no route, ranked last): " + ", ".join(r["skipped"]))
+        routes = "; ".join(parts)
+        cal = [_pct(r["calibrated"][m]) if "calibrated" in r else "—" for m in metrics] if calibrated else []
+        rows.append([split, *(_pct(r[m]) for m in metrics), *cal, routes])
+    labels = [_LABELS.get(m, m) for m in metrics]
+    out.append(_table(["gallery", *labels, *(f"{label} calibrated" for label in labels if calibrated), "routes"], rows,
+                      ["---"] + ["---:"] * (len(metrics) * (2 if calibrated else 1)) + ["---"]))
+    return out
+
+
+def _backfill_section(bf: Mapping[str, Any], report: Mapping[str, Any], metrics: Sequence[str]) -> list[str]:
+    """The body of "Backfill curves": the protocol, the orders, then the table metric by fraction upgraded."""
+    out = [f"Every item starts as its `{bf['old']}` vector; items are re-embedded with `{bf['new']}` "
+           f"(`IndexService.upgrade`) in the order named, and `{bf['new']}` queries search the mixed gallery "
+           f"through the service at each fraction ({bf.get('num_queries', '?')} queries, full ranking).", ""]
+    for name, text in bf.get("orders", {}).items():
+        out.append(f"- `{name}`: {text}")
+    for note in bf.get("notes", []):
+        out.append(f"- {note}")
+    out.append("")
+    metric = bf.get("table_metric", "mAP")
+    curves = bf["curves"]
+    fractions = [p["fraction"] for p in next(iter(curves.values()))]
+    rows = []
+    for k, f in enumerate(fractions):
+        rows.append([f"{100 * f:.0f}%", *(_pct(points[k][metric]) for points in curves.values())])
+    out.append(f"{_LABELS.get(metric, metric)} (%) by fraction upgraded:")
+    out.append("")
+    out.append(_table(["upgraded", *curves.keys()], rows))
+    if report.get("plots", {}).get("backfill"):
+        out.append(f"![backfill curves]({report['plots']['backfill']})")
+        out.append("")
+    return out
 
 
 def write_csvs(report: Mapping[str, Any], out_dir: str | Path) -> dict[str, str]:

@@ -51,19 +51,85 @@ def list_metrics(topk: Iterable[int] = (1, 5)) -> tuple[str, ...]:
     return tuple(f"top{k}" for k in check_topk(topk)) + _RANK_METRICS + _COUNTS
 
 
+@dataclass(frozen=True)
+class RetrievalOptions:
+    """How a query set is ranked against a gallery: the options every entry point of this module shares.
+
+    :func:`per_query_metrics` and :func:`retrieval_metrics` take them as keywords, :class:`RetrievalEvaluator`
+    holds them as fields; either way they are checked here, once, before anything is ranked.
+
+    Attributes:
+        topk: the k of each CMC ``top{k}`` key.
+        leave_one_out: the query set is the gallery set (the standard protocol): each query's own item is
+            removed from its ranking, matched by id when both id arrays are given, else by position (Q == G).
+        batch_size: queries ranked at once; memory grows as ``batch_size * G``.
+        allow_label_mismatch: accept query and gallery label sets that differ (normally a sign of mixed splits).
+        backend: how each batch is ranked: ``"faiss"`` (exact ``IndexFlatIP`` search over the whole gallery,
+            the default), ``"numpy"`` (one matmul and an argsort; the same ranking up to the order of
+            ties, which no metric depends on, and faster on a few CPU cores for galleries of ~10k) or
+            ``"torch"`` (matmul and sort on the GPU when there is one).
+
+    Raises:
+        EvalError: k <= 0, a batch size that is not a positive integer, or an unknown backend.
+    """
+
+    topk: tuple[int, ...] = (1, 5)
+    leave_one_out: bool = False
+    batch_size: int = 1024
+    allow_label_mismatch: bool = False
+    backend: str = "faiss"
+
+    def __post_init__(self) -> None:
+        # Lists (as a config gives them) become tuples: the frozen instance stays hashable and comparable.
+        object.__setattr__(self, "topk", check_topk(self.topk))
+        if self.backend not in _BACKENDS:
+            raise EvalError(f"unknown ranking backend {self.backend!r}; known: {sorted(_BACKENDS)}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size <= 0:
+            raise EvalError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def per_query(
+        self, query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, *,
+        query_ids: np.ndarray | None = None, gallery_ids: np.ndarray | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Per-query metrics of queries (Q, D_q) against a gallery (G, D_g); see :func:`per_query_metrics`."""
+        q = _check_embeddings(query, "query")
+        g = _check_embeddings(gallery, "gallery")
+        ql = _check_vector(query_labels, "query_labels", len(q))
+        gl = _check_vector(gallery_labels, "gallery_labels", len(g))
+        qid = None if query_ids is None else _check_ids(query_ids, "query_ids", len(q))
+        gid = None if gallery_ids is None else _check_ids(gallery_ids, "gallery_ids", len(g))
+        if not self.allow_label_mismatch:
+            _check_label_sets(ql, gl)
+        q_codes, g_codes = _encode_labels(ql, gl)
+        self_index = _self_index(len(q), len(g), qid, gid) if self.leave_one_out else None
+
+        d = min(q.shape[1], g.shape[1])
+        if q.shape[1] != g.shape[1]:
+            _logger.debug("query dim %d, gallery dim %d: truncating both to %d", q.shape[1], g.shape[1], d)
+        qn = _truncate_normalise(q, d, "query")
+        gn = _truncate_normalise(g, d, "gallery")
+
+        rank = _BACKENDS[self.backend](gn)
+        n_q, n_g = len(qn), len(gn)
+        out = {f"top{k}": np.empty(n_q) for k in self.topk}
+        out.update({name: np.empty(n_q) for name in _RANK_METRICS})
+        out["num_relevant"] = np.empty(n_q, dtype=np.int64)
+        start_time = time.perf_counter()
+        for lo in range(0, n_q, self.batch_size):
+            hi = min(lo + self.batch_size, n_q)
+            scores, idx = rank(qn[lo:hi])
+            relevant = g_codes[idx] == q_codes[lo:hi, None]
+            own = None if self_index is None else idx == self_index[lo:hi, None]
+            batch = metrics_from_ranking(scores, relevant, self.topk, drop=own)
+            for key, values in batch.items():
+                out[key][lo:hi] = values
+        _logger.debug("ranked %d queries against %d gallery items in %.2fs", n_q, n_g, time.perf_counter() - start_time)
+        return out
+
+
 def per_query_metrics(
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    gallery: np.ndarray,
-    gallery_labels: np.ndarray,
-    *,
-    query_ids: np.ndarray | None = None,
-    gallery_ids: np.ndarray | None = None,
-    leave_one_out: bool = False,
-    topk: tuple[int, ...] = (1, 5),
-    batch_size: int = 1024,
-    allow_label_mismatch: bool = False,
-    backend: str = "faiss",
+    query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, *,
+    query_ids: np.ndarray | None = None, gallery_ids: np.ndarray | None = None, **options: Any,
 ) -> dict[str, np.ndarray]:
     """Per-query retrieval metrics, for averaging, bootstrapping or finding the queries that fail.
 
@@ -77,59 +143,13 @@ def per_query_metrics(
     Raises:
         EvalError: invalid inputs (see :func:`retrieval_metrics`).
     """
-    ks = check_topk(topk)
-    if backend not in _BACKENDS:
-        raise EvalError(f"unknown ranking backend {backend!r}; known: {sorted(_BACKENDS)}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-        raise EvalError(f"batch_size must be a positive integer, got {batch_size!r}")
-    q = _check_embeddings(query, "query")
-    g = _check_embeddings(gallery, "gallery")
-    ql = _check_vector(query_labels, "query_labels", len(q))
-    gl = _check_vector(gallery_labels, "gallery_labels", len(g))
-    qid = None if query_ids is None else _check_ids(query_ids, "query_ids", len(q))
-    gid = None if gallery_ids is None else _check_ids(gallery_ids, "gallery_ids", len(g))
-    if not allow_label_mismatch:
-        _check_label_sets(ql, gl)
-    q_codes, g_codes = _encode_labels(ql, gl)
-    self_index = _self_index(len(q), len(g), qid, gid) if leave_one_out else None
-
-    d = min(q.shape[1], g.shape[1])
-    if q.shape[1] != g.shape[1]:
-        _logger.debug("query dim %d, gallery dim %d: truncating both to %d", q.shape[1], g.shape[1], d)
-    qn = _truncate_normalise(q, d, "query")
-    gn = _truncate_normalise(g, d, "gallery")
-
-    rank = _BACKENDS[backend](gn)
-    n_q, n_g = len(qn), len(gn)
-    out = {f"top{k}": np.empty(n_q) for k in ks}
-    out.update({name: np.empty(n_q) for name in _RANK_METRICS})
-    out["num_relevant"] = np.empty(n_q, dtype=np.int64)
-    start_time = time.perf_counter()
-    for lo in range(0, n_q, batch_size):
-        hi = min(lo + batch_size, n_q)
-        scores, idx = rank(qn[lo:hi])
-        relevant = g_codes[idx] == q_codes[lo:hi, None]
-        own = None if self_index is None else idx == self_index[lo:hi, None]
-        batch = metrics_from_ranking(scores, relevant, ks, drop=own)
-        for key, values in batch.items():
-            out[key][lo:hi] = values
-    _logger.debug("ranked %d queries against %d gallery items in %.2fs", n_q, n_g, time.perf_counter() - start_time)
-    return out
+    ranking = RetrievalOptions(**options)
+    return ranking.per_query(query, query_labels, gallery, gallery_labels, query_ids=query_ids, gallery_ids=gallery_ids)
 
 
 def retrieval_metrics(
-    query: np.ndarray,
-    query_labels: np.ndarray,
-    gallery: np.ndarray,
-    gallery_labels: np.ndarray,
-    *,
-    query_ids: np.ndarray | None = None,
-    gallery_ids: np.ndarray | None = None,
-    leave_one_out: bool = False,
-    topk: tuple[int, ...] = (1, 5),
-    batch_size: int = 1024,
-    allow_label_mismatch: bool = False,
-    backend: str = "faiss",
+    query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, *,
+    query_ids: np.ndarray | None = None, gallery_ids: np.ndarray | None = None, **options: Any,
 ) -> dict[str, float]:
     """Rank every query against the whole gallery and average the retrieval metrics over queries.
 
@@ -147,15 +167,8 @@ def retrieval_metrics(
         query_ids: (Q,) unique item ids of the queries; only used to match queries to their own gallery
             item under ``leave_one_out``.
         gallery_ids: (G,) unique item ids of the gallery items.
-        leave_one_out: the query set is the gallery set (the standard protocol): each query's own item is
-            removed from its ranking, matched by id when both id arrays are given, else by position (Q == G).
-        topk: the k of each CMC ``top{k}`` key.
-        batch_size: queries ranked at once; memory grows as ``batch_size * G``.
-        allow_label_mismatch: accept query and gallery label sets that differ (normally a sign of mixed splits).
-        backend: how each batch is ranked: ``"faiss"`` (exact ``IndexFlatIP`` search over the whole gallery,
-            the default), ``"numpy"`` (one matmul and an argsort; the same ranking up to the order of
-            ties, which no metric depends on, and faster on a few CPU cores for galleries of ~10k) or
-            ``"torch"`` (matmul and sort on the GPU when there is one).
+        **options: the fields of :class:`RetrievalOptions`: ``topk``, ``leave_one_out``, ``batch_size``,
+            ``allow_label_mismatch``, ``backend``.
 
     Returns:
         ``top{k}`` for each k (fraction of queries with a relevant item in the first k), ``mAP`` (AP over the
@@ -174,19 +187,12 @@ def retrieval_metrics(
         >>> retrieval_metrics(x, [0, 0, 1, 1], x, [0, 0, 1, 1], leave_one_out=True, topk=(1,))["top1"]
         1.0
     """
-    per_query = per_query_metrics(
-        query,
-        query_labels,
-        gallery,
-        gallery_labels,
-        query_ids=query_ids,
-        gallery_ids=gallery_ids,
-        leave_one_out=leave_one_out,
-        topk=topk,
-        batch_size=batch_size,
-        allow_label_mismatch=allow_label_mismatch,
-        backend=backend,
-    )
+    return _averages(per_query_metrics(query, query_labels, gallery, gallery_labels, query_ids=query_ids,
+                                       gallery_ids=gallery_ids, **options))
+
+
+def _averages(per_query: dict[str, np.ndarray]) -> dict[str, float]:
+    """The means over the queries that have a relevant item, and the two query counts (see :func:`retrieval_metrics`)."""
     valid = per_query["num_relevant"] > 0
     n_queries = int(valid.size)
     n_without = int((~valid).sum())
@@ -201,20 +207,16 @@ def retrieval_metrics(
 
 
 @dataclass(frozen=True)
-class RetrievalEvaluator:
+class RetrievalEvaluator(RetrievalOptions):
     """Retrieval metrics with their options fixed once, for callers that evaluate many query sets alike.
 
     Like pytorch-metric-learning's ``AccuracyCalculator``: options and the metric selection are checked at
     construction, and calling it returns a dict of named metrics (those of :func:`retrieval_metrics`).
 
     Attributes:
-        topk: the k of each ``top{k}`` key.
-        leave_one_out: see :func:`retrieval_metrics`.
-        batch_size: queries ranked at once.
-        allow_label_mismatch: see :func:`retrieval_metrics`.
-        backend: see :func:`retrieval_metrics`.
         include: keys to return (default all of :func:`list_metrics`).
         exclude: keys to drop.
+        topk, leave_one_out, batch_size, allow_label_mismatch, backend: see :class:`RetrievalOptions`.
 
     Example:
         >>> evaluator = RetrievalEvaluator(topk=(1,), leave_one_out=True, include=("top1", "mAP"))
@@ -223,23 +225,13 @@ class RetrievalEvaluator:
         {'top1': 1.0, 'mAP': 1.0}
     """
 
-    topk: tuple[int, ...] = (1, 5)
-    leave_one_out: bool = False
-    batch_size: int = 1024
-    allow_label_mismatch: bool = False
-    backend: str = "faiss"
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        # Lists (as a config gives them) become tuples: the frozen instance stays hashable and comparable.
-        object.__setattr__(self, "topk", check_topk(self.topk))
+        super().__post_init__()
         object.__setattr__(self, "include", None if self.include is None else tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size <= 0:
-            raise EvalError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.backend not in _BACKENDS:
-            raise EvalError(f"unknown ranking backend {self.backend!r}; known: {sorted(_BACKENDS)}")
         known = list_metrics(self.topk)
         unknown = [name for name in (self.include or ()) + self.exclude if name not in known]
         if unknown:
@@ -253,29 +245,12 @@ class RetrievalEvaluator:
         return tuple(name for name in chosen if name not in self.exclude)
 
     def __call__(
-        self,
-        query: np.ndarray,
-        query_labels: np.ndarray,
-        gallery: np.ndarray,
-        gallery_labels: np.ndarray,
-        *,
-        query_ids: np.ndarray | None = None,
-        gallery_ids: np.ndarray | None = None,
+        self, query: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray, gallery_labels: np.ndarray, *,
+        query_ids: np.ndarray | None = None, gallery_ids: np.ndarray | None = None,
     ) -> dict[str, float]:
         """Metrics of queries (Q, D_q) against a gallery (G, D_g); see :func:`retrieval_metrics`."""
-        metrics = retrieval_metrics(
-            query,
-            query_labels,
-            gallery,
-            gallery_labels,
-            query_ids=query_ids,
-            gallery_ids=gallery_ids,
-            leave_one_out=self.leave_one_out,
-            topk=self.topk,
-            batch_size=self.batch_size,
-            allow_label_mismatch=self.allow_label_mismatch,
-            backend=self.backend,
-        )
+        metrics = _averages(self.per_query(query, query_labels, gallery, gallery_labels, query_ids=query_ids,
+                                           gallery_ids=gallery_ids))
         return {name: metrics[name] for name in self.metric_names()}
 
 

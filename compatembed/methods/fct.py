@@ -297,12 +297,7 @@ class FCT(PostHocMapMethod):
     Args:
         model: the new embedding model.
         num_classes: size of the label space.
-        old_version: the deployed old model version directory (required).
-        new_version: adopt this trained new version instead of training one in the run (then
-            ``trainer.epochs=0``).
         side_info_version: a frozen model version whose features ψ(x) are concatenated to the old ones.
-        label_smoothing: label smoothing of the new model's cross-entropy (in-run training).
-        classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
         hidden_dims: hidden widths of h (``[]``: a linear forward map).
         activation: ``relu`` | ``gelu``.
         batch_norm: BatchNorm after each hidden layer.
@@ -311,6 +306,8 @@ class FCT(PostHocMapMethod):
         loss_weight: weight of the transfer loss.
         fit_steps / fit_batch_size / fit_lr / fit_weight_decay: the optimiser of h.
         seed: seeds h's initialisation and batch order.
+        **post_hoc: where the new model comes from: ``old_version`` (required), ``new_version``,
+            ``label_smoothing``, ``classifier_input`` (see :class:`PostHocMapMethod`).
     """
 
     name = "fct"
@@ -320,11 +317,7 @@ class FCT(PostHocMapMethod):
         model: nn.Module,
         num_classes: int,
         *,
-        old_version: str | None = None,
-        new_version: str | None = None,
         side_info_version: str | None = None,
-        label_smoothing: float = 0.1,
-        classifier_input: str = "raw",
         hidden_dims: Sequence[int] = (512,),
         activation: str = "relu",
         batch_norm: bool = True,
@@ -336,9 +329,9 @@ class FCT(PostHocMapMethod):
         fit_lr: float = 1e-3,
         fit_weight_decay: float = 0.0,
         seed: int = 0,
+        **post_hoc: Any,
     ) -> None:
-        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
-                         classifier_input=classifier_input)
+        super().__init__(model, num_classes, **post_hoc)
         self.side_info_version = side_info_version
         self.side: LoadedVersion | None = None
         self.options = ForwardMapOptions(

@@ -325,11 +325,6 @@ class LambdaOrth(PostHocMapMethod):
     Args:
         model: the new embedding model.
         num_classes: size of the label space.
-        old_version: the deployed old model version directory (required).
-        new_version: adopt this trained new version instead of training one in the run (then
-            ``trainer.epochs=0``).
-        label_smoothing: label smoothing of the new model's cross-entropy (in-run training).
-        classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
         tolerance: λ >= 0, or None for ∞ (the closed-form least-squares map).
         penalty_weight: μ, weight of the squared hinge beyond λ.
         deviation: ``gram`` (‖WᵀW − I‖_F) | ``spectral`` (singular values outside [1 − λ, 1 + λ]).
@@ -342,6 +337,8 @@ class LambdaOrth(PostHocMapMethod):
         orthogonal_map: ``matrix_exp`` | ``cayley`` | ``householder`` (the parametrisation at λ = 0).
         fit_steps / fit_batch_size / fit_lr: Adam on the map.
         seed: seeds the batch order of the fit.
+        **post_hoc: where the new model comes from: ``old_version`` (required), ``new_version``,
+            ``label_smoothing``, ``classifier_input`` (see :class:`PostHocMapMethod`).
     """
 
     name = "lambda_orth"
@@ -351,10 +348,6 @@ class LambdaOrth(PostHocMapMethod):
         model: nn.Module,
         num_classes: int,
         *,
-        old_version: str | None = None,
-        new_version: str | None = None,
-        label_smoothing: float = 0.1,
-        classifier_input: str = "raw",
         tolerance: float | None = 1.0,
         penalty_weight: float = 10.0,
         deviation: str = "gram",
@@ -369,9 +362,9 @@ class LambdaOrth(PostHocMapMethod):
         fit_batch_size: int = 1024,
         fit_lr: float = 1e-3,
         seed: int = 0,
+        **post_hoc: Any,
     ) -> None:
-        super().__init__(model, num_classes, old_version=old_version, new_version=new_version, label_smoothing=label_smoothing,
-                         classifier_input=classifier_input)
+        super().__init__(model, num_classes, **post_hoc)
         self.options = LambdaOrthOptions(
             tolerance=tolerance, penalty_weight=penalty_weight, deviation=deviation, bias=bias, center=center,
             objective=objective, alignment_weight=alignment_weight, supcon_weight=supcon_weight, temperature=temperature,

@@ -353,6 +353,28 @@ def _read_version_dir(root: Path) -> ModelVersion:
     return parse_version(manifest, files)
 
 
+def write_version_dir(root: str | Path, version_id: str, dim: int, edges: list[dict[str, Any]],
+                      arrays: dict[str, dict[str, np.ndarray]] | None = None, **manifest: Any) -> Path:
+    """Write ``root/version_id`` as a model version directory without weights, the inverse of :func:`read_version_dir`.
+
+    What a benchmark or a test registers without training a model (compatembed cannot load a model from it):
+    the manifest names the embedding (``dim``, L2-normalised float32), the compatibility ``edges`` and the
+    sha256 of every transform file in ``arrays`` (relative path → the keys of its ``.npz``, stored as float32
+    as the format says); ``manifest`` adds top-level keys such as ``training`` or ``parent``.
+    """
+    vdir = Path(root) / version_id
+    (vdir / "transforms").mkdir(parents=True, exist_ok=True)
+    files = {}
+    for rel, content in (arrays or {}).items():
+        np.savez(vdir / rel, **{key: np.asarray(value, dtype=np.float32) for key, value in content.items()})
+        files[rel] = sha256_bytes((vdir / rel).read_bytes())
+    document = {"format": f"{FORMAT_PREFIX}1", "version_id": version_id,
+                "embedding": {"dim": dim, "normalized": True, "dtype": "float32"},
+                "compatibility": edges, "files": files, **manifest}
+    (vdir / "manifest.json").write_text(json.dumps(document))
+    return vdir
+
+
 @dataclass(frozen=True)
 class Step:
     """One hop of a route: apply ``edge`` to go from ``src`` to ``dst``; normalise after when ``normalize``."""

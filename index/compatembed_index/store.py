@@ -91,14 +91,8 @@ class Store(abc.ABC):
         """Alias → collection."""
 
     @abc.abstractmethod
-    def upsert_items(
-        self,
-        collection: str,
-        version: str,
-        ids: np.ndarray,
-        vectors: np.ndarray,
-        metadata: Sequence[str | None] | None,
-    ) -> int:
+    def upsert_items(self, collection: str, version: str, ids: np.ndarray, vectors: np.ndarray,
+                     metadata: Sequence[str | None] | None) -> int:
         """Insert or replace items (N,) with vectors (N, D) in one transaction; returns its sequence number.
 
         ``metadata`` None keeps each existing row's metadata (used by upgrades).

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
+
+from compatembed_index.registry import write_version_dir
 
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
@@ -23,20 +21,6 @@ from compatembed.eval.backfill import (
 from compatembed.eval.mixed_gallery import MixedGallery
 
 G, CLASSES = 40, 4
-
-
-def write_version(root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None) -> Path:
-    vdir = root / vid
-    (vdir / "transforms").mkdir(parents=True)
-    files = {}
-    for rel, content in (arrays or {}).items():
-        np.savez(vdir / rel, **content)
-        files[rel] = hashlib.sha256((vdir / rel).read_bytes()).hexdigest()
-    manifest = {"format": "compatembed.model_version/1", "version_id": vid,
-                "embedding": {"dim": dim, "normalized": True, "dtype": "float32"},
-                "compatibility": edges, "files": files}
-    (vdir / "manifest.json").write_text(json.dumps(manifest))
-    return vdir
 
 
 def _norm(x):
@@ -54,8 +38,8 @@ def versions(tmp_path_factory):
     w0 = rng.normal(size=(8, 6)).astype(np.float32)
     b0 = np.zeros(8, np.float32)
     dirs = {
-        "old": write_version(root, "old", 6, []),
-        "new": write_version(root, "new", 8, [
+        "old": write_version_dir(root, "old", 6, []),
+        "new": write_version_dir(root, "new", 8, [
             {"kind": "prefix", "target": "old", "dim": 6},
             {"kind": "forward", "source": "old", "file": "transforms/f.npz", "activation": "relu", "normalize_output": True},
         ], {"transforms/f.npz": {"w0": w0, "b0": b0}}),

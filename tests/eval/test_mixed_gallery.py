@@ -6,13 +6,13 @@ v3 maps into v2 with an affine edge (so v3 → v1 composes), and ``solo`` has no
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
+
+from compatembed_index.registry import write_version_dir
 
 from compatembed.embeddings import EmbeddingSet
 from compatembed.errors import EvalError
@@ -26,19 +26,8 @@ G, CLASSES = 48, 4
 def write_version(
     root: Path, vid: str, dim: int, edges: list[dict], arrays: dict | None = None, parent: Path | None = None
 ) -> Path:
-    """A model version directory as training writes it for the service (no weights)."""
-    vdir = root / vid
-    (vdir / "transforms").mkdir(parents=True)
-    files = {}
-    for rel, content in (arrays or {}).items():
-        np.savez(vdir / rel, **content)
-        files[rel] = hashlib.sha256((vdir / rel).read_bytes()).hexdigest()
-    manifest = {"format": "compatembed.model_version/1", "version_id": vid,
-                "embedding": {"dim": dim, "normalized": True, "dtype": "float32"},
-                "compatibility": edges, "files": files,
-                "training": {"old_version_dir": str(parent) if parent else None}}
-    (vdir / "manifest.json").write_text(json.dumps(manifest))
-    return vdir
+    """A model version directory as training writes it for the service (no weights), naming its parent."""
+    return write_version_dir(root, vid, dim, edges, arrays, training={"old_version_dir": str(parent) if parent else None})
 
 
 def _norm(x):
