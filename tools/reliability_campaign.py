@@ -51,7 +51,6 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -74,6 +73,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from compatembed_index.registry import write_version_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results" / "reliability"
@@ -597,8 +598,8 @@ def render_markdown(result: dict[str, Any]) -> str:
 def write_versions(root: Path, dim: int, seed: int) -> dict[str, Path]:
     """``v1`` and ``v2`` (both ``dim``), v2 with an affine query edge to v1 and a forward edge from v1.
 
-    Written to the contract (``manifest.json`` with sha256 of each file, ``transforms/*.npz``), as the
-    tests' ``index_helpers.write_version`` does, without importing the test helpers.
+    Written to the contract by :func:`compatembed_index.registry.write_version_dir` (manifest with the
+    sha256 of each ``transforms/*.npz``).
     """
     rng = np.random.default_rng(seed)
     rot, _ = np.linalg.qr(rng.normal(size=(dim, dim)))  # v2 = v1 rotated: cross-version scores are meaningful
@@ -608,22 +609,11 @@ def write_versions(root: Path, dim: int, seed: int) -> dict[str, Path]:
         {"kind": "affine", "target": "v1", "file": "transforms/affine_to_v1.npz", "normalize_output": True},
         {"kind": "forward", "source": "v1", "file": "transforms/forward_from_v1.npz", "activation": "relu",
          "normalize_output": True}]}
-    out = {}
-    for vid, parent in (("v1", None), ("v2", "v1")):
-        vdir = root / vid
-        (vdir / "transforms").mkdir(parents=True, exist_ok=True)
-        files = {}
-        for e in edges[vid]:
-            np.savez(vdir / e["file"], **{k: v.astype(np.float32) for k, v in arrays[e["file"]].items()})
-            files[e["file"]] = hashlib.sha256((vdir / e["file"]).read_bytes()).hexdigest()
-        manifest = {"format": "compatembed.model_version/1", "version_id": vid, "created_utc": "2026-01-01T00:00:00Z",
-                    "model": {"_target_": "compatembed.models.EmbeddingModel"},
-                    "embedding": {"dim": dim, "normalized": True, "dtype": "float32"},
-                    "training": {"dataset": "synthetic", "method": "reliability-campaign"},
-                    "parent": parent, "compatibility": edges[vid], "files": files}
-        (vdir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        out[vid] = vdir
-    return out
+    training = {"dataset": "synthetic", "method": "reliability-campaign"}
+    return {vid: write_version_dir(root, vid, dim, edges[vid], {e["file"]: arrays[e["file"]] for e in edges[vid]},
+                                   parent=parent, training=training, created_utc="2026-01-01T00:00:00Z",
+                                   model={"_target_": "compatembed.models.EmbeddingModel"})
+            for vid, parent in (("v1", None), ("v2", "v1"))}
 
 
 def free_port() -> int:
