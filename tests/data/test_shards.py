@@ -283,3 +283,25 @@ def test_streamed_shards_refuse_item_selection_when_built(shards, compose) -> No
     for extra in ("data.classes=0-1", "data.train_per_class=2", "data.validation.fraction=0.1"):
         with pytest.raises(ConfigError, match="cannot select items"):
             build_dataset(compose("train", base + [extra]).data, "train")
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_epoch(shards) -> None:
+    pattern, classes, _ = shards
+    ds = WebDatasetShards(pattern, classes, transform=pil_to_tensor)
+    for epoch in (0, 1):
+        loaders = [shard_loader(ds, batch_size=2, num_workers=0, seed=3, device="cpu", drop_last=False, rank=r, world_size=2)
+                   for r in range(2)]
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        read = [_positions(loader) for loader in loaders]
+        assert sorted(read[0] + read[1]) == list(range(len(ds)))  # every sample once, by one rank
+        shards_of = [loader.dataset.rank_shards() for loader in loaders]
+        assert sorted(shards_of[0] + shards_of[1]) == [0, 1, 2, 3]
+        assert [len(loader) for loader in loaders] == [-(-len(r) // 2) for r in read]
+
+
+def test_fewer_shards_than_ranks_is_refused(shards) -> None:
+    pattern, classes, _ = shards
+    with pytest.raises(ConfigError, match="4 shard\\(s\\) for 5 processes"):
+        shard_loader(WebDatasetShards(pattern, classes), batch_size=2, num_workers=0, seed=0, device="cpu", rank=0,
+                     world_size=5)
