@@ -302,6 +302,23 @@ class WebDatasetShards(IterableDataset):
         """Select the epoch whose shard order and shuffle the next iteration draws."""
         self.epoch = int(epoch)
 
+    def select_shards(self, first: int, stop: int) -> "WebDatasetShards":
+        """The samples of shards ``[first, stop)`` only, keeping their ids: one part of a sharded extraction.
+
+        Raises:
+            ConfigError: the range is empty or outside the shard list.
+        """
+        if not 0 <= first < stop <= len(self.shard_paths):
+            raise ConfigError(f"shards [{first}, {stop}) are not a non-empty range of the {len(self.shard_paths)} shards")
+        part = copy.copy(self)
+        begin = int(self.shard_starts[first])
+        end = begin + int(self.shard_counts[first:stop].sum())
+        part.shard_paths = self.shard_paths[first:stop]
+        part.shard_counts = self.shard_counts[first:stop]
+        part.shard_starts = self.shard_starts[first:stop] - begin  # positions index this part's targets
+        part.targets, part.ids = self.targets[begin:end], self.ids[begin:end]
+        return part
+
     def epoch_shards(self) -> list[int]:
         """Shard indices in the order this epoch reads them (shuffled by ``(seed, epoch)`` when :attr:`shuffle`).
 

@@ -305,3 +305,28 @@ def test_fewer_shards_than_ranks_is_refused(shards) -> None:
     with pytest.raises(ConfigError, match="4 shard\\(s\\) for 5 processes"):
         shard_loader(WebDatasetShards(pattern, classes), batch_size=2, num_workers=0, seed=0, device="cpu", rank=0,
                      world_size=5)
+
+
+def test_a_part_of_the_shards_keeps_the_ids_of_its_samples(shards) -> None:
+    pattern, classes, written = shards
+    ds = WebDatasetShards(pattern, classes)
+    part = ds.select_shards(1, 3)  # the shards of 8 and 12 samples: items 10-29
+    assert len(part) == 20 and part.ids.tolist() == list(range(10, 30)) and part.shard_starts.tolist() == [0, 8]
+    items = list(part)
+    assert [int(part.ids[p]) for _, _, p in items] == list(range(10, 30))
+    for image, label, position in items:
+        _, data, source_label = written[int(part.ids[position])]
+        assert label == source_label and np.array_equal(np.asarray(image), _decode(data))
+    assert len(ds) == 36 and ds.shard_starts.tolist() == [0, 10, 18, 30]  # the whole set is untouched
+    with pytest.raises(ConfigError, match="not a non-empty range"):
+        ds.select_shards(2, 2)
+
+
+def test_extraction_parts_of_streamed_shards_are_whole_tar_files(shards) -> None:
+    from compatembed.embeddings import shard_of
+
+    pattern, classes, _ = shards
+    ds = WebDatasetShards(pattern, classes)
+    assert [shard_of(ds, i, 2, batch_size=4)[1:] for i in range(2)] == [(0, 18), (18, 36)]
+    with pytest.raises(ConfigError, match="only 4 tar files"):
+        shard_of(ds, 0, 5, batch_size=4)
