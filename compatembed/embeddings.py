@@ -4,6 +4,11 @@ One function embeds for every caller (the extract CLI, evaluation, methods that 
 features), so a batch is preprocessed and normalised the same way everywhere. :func:`extract_split`
 embeds a configured split with a model version (its own preprocessing); :func:`load_or_extract` is
 what evaluation reads: extracted once, then cached inside the version directory.
+
+A large gallery is embedded in parts, one process each (``shard=(i, n)`` of :func:`extract_split`):
+part ``i`` of ``n`` embeds a contiguous range of the split and is saved to ``<out>/shard-i-of-n``;
+:meth:`EmbeddingSet.load` merges the parts and checks every id appears once. The layout and the
+merge are :mod:`compatembed_index.embedding_sets` (numpy only, so the index service reads it too).
 """
 
 from __future__ import annotations
@@ -23,9 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from compatembed_index.embedding_sets import is_embedding_set, read_embedding_set, shard_dir_name
+from compatembed_index.errors import InvalidInputError
+
 from compatembed.data import Preprocessing, build_dataset, build_transform
 from compatembed.data.loaders import ArrayBatchLoader, batch_source
-from compatembed.errors import EvalError
+from compatembed.data.shards import WebDatasetShards
+from compatembed.errors import ConfigError, EvalError
 from compatembed.hardware import resolve_device
 from compatembed.models.version import MANIFEST, load_manifest, load_model_version
 
@@ -52,8 +61,14 @@ class EmbeddingSet:
         return int(self.embeddings.shape[0])
 
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
-        """Write ``embeddings.npy``, ``labels.npy``, ``ids.npy`` and ``meta.json`` (meta last)."""
+        """Write ``embeddings.npy``, ``labels.npy``, ``ids.npy`` and ``meta.json`` (meta last).
+
+        A part of a sharded extraction (``meta`` has ``shard`` and ``num_shards``) goes to
+        ``<out_dir>/shard-i-of-n``; the returned path is that directory.
+        """
         out = Path(out_dir)
+        if "shard" in self.meta:
+            out = out / shard_dir_name(int(self.meta["shard"]), int(self.meta["num_shards"]))
         out.mkdir(parents=True, exist_ok=True)
         for name, array in (("embeddings", self.embeddings), ("labels", self.labels), ("ids", self.ids)):
             tmp = out / f".{name}.npy.tmp"
@@ -68,14 +83,17 @@ class EmbeddingSet:
 
     @classmethod
     def load(cls, in_dir: str | os.PathLike[str]) -> "EmbeddingSet":
-        path = Path(in_dir)
-        if not (path / "meta.json").is_file():
-            raise EvalError(f"{path} holds no extracted embeddings (no meta.json); run compatembed-extract first")
-        meta = json.loads((path / "meta.json").read_text())
-        arrays = {name: np.load(path / f"{name}.npy", allow_pickle=False) for name in ("embeddings", "labels", "ids")}
-        if not (len(arrays["embeddings"]) == len(arrays["labels"]) == len(arrays["ids"]) == meta.get("count")):
-            raise EvalError(f"{path}: embeddings, labels and ids have different lengths (a partial write?)")
-        return cls(meta=meta, **arrays)
+        """Read a set :meth:`save` wrote: a whole one, or the ``shard-i-of-n`` parts merged in order.
+
+        Raises:
+            EvalError: no set there, a partial write, or parts missing, unfinished, inconsistent or
+                holding an id twice (the message names them).
+        """
+        try:
+            stored = read_embedding_set(in_dir)
+        except InvalidInputError as exc:
+            raise EvalError(str(exc)) from None
+        return cls(embeddings=stored.embeddings, labels=stored.labels, ids=stored.ids, meta=stored.meta)
 
 
 def _model_embed(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -128,15 +146,79 @@ def embed_dataset(
     return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)
 
 
+class ItemRange(Dataset):
+    """Items ``[start, stop)`` of a map-style dataset, keeping their ids: what one part of an extraction embeds.
+
+    It has the ``dataset``/``indices`` pair a decoded array is seen through, so the part keeps the
+    whole-batch path.
+    """
+
+    def __init__(self, dataset: Dataset, start: int, stop: int) -> None:
+        self.dataset = dataset
+        self.indices = np.arange(start, stop, dtype=np.int64)
+        self.ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)[start:stop]  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[int(self.indices[index])]
+
+
+def split_range(units: int, shard: int, num_shards: int, *, what: str = "units") -> tuple[int, int]:
+    """Units ``[a, b)`` of part ``shard`` of ``num_shards``: contiguous, sizes differing by at most one.
+
+    Raises:
+        ConfigError: ``shard`` not in ``[0, num_shards)``, or more parts than units (``what`` names them).
+    """
+    if num_shards < 1 or not 0 <= shard < num_shards:
+        raise ConfigError(f"shard={shard} num_shards={num_shards}: need 0 <= shard < num_shards")
+    if num_shards > units:
+        raise ConfigError(f"num_shards={num_shards} but the split has only {units} {what}: use at most {units} parts")
+    base, extra = divmod(units, num_shards)
+    start = shard * base + min(shard, extra)
+    return start, start + base + (1 if shard < extra else 0)
+
+
+def shard_of(dataset: Dataset, shard: int, num_shards: int, *, batch_size: int) -> tuple[Dataset, int, int]:
+    """Part ``shard`` of ``num_shards`` of ``dataset``: ``(the part, first item, end item)``.
+
+    A map-style dataset is split at multiples of ``batch_size``, so every item is embedded in the
+    batch an unsharded run puts it in (the same numbers, bit for bit on the CPU); streamed tar
+    shards are split at tar-file boundaries (a part reads whole files).
+
+    Raises:
+        ConfigError: more parts than batches (or tar files), or a bad ``shard``.
+    """
+    if isinstance(dataset, WebDatasetShards):
+        a, b = split_range(len(dataset.shard_paths), shard, num_shards, what="tar files (a part reads whole files)")
+        part = dataset.select_shards(a, b)
+        start = int(dataset.shard_starts[a])
+        return part, start, start + len(part)
+    n = len(dataset)  # type: ignore[arg-type]
+    a, b = split_range(-(-n // batch_size), shard, num_shards, what=f"batches of {batch_size} (or lower batch_size)")
+    start, stop = a * batch_size, min(b * batch_size, n)
+    return ItemRange(dataset, start, stop), start, stop
+
+
 def extract_split(
     version_dir: str | Path, data_cfg: DictConfig, split: str, *, device: str = "auto", batch_size: int = 256,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, shard: tuple[int, int] | None = None,
 ) -> EmbeddingSet:
-    """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing)."""
+    """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing).
+
+    Args:
+        shard: ``(i, n)``: embed part ``i`` of ``n`` only (see :func:`shard_of`); its ``meta`` says
+            which, and :meth:`EmbeddingSet.save` puts it in ``<out>/shard-i-of-n``.
+    """
     loaded = load_model_version(version_dir)
     torch_device = resolve_device(device)
     preprocessing = Preprocessing.from_dict(loaded.manifest["preprocessing"])
     dataset = build_dataset(data_cfg, split, transform=build_transform(preprocessing, train=False))
+    total, part_meta = len(dataset), {}
+    if shard is not None:
+        dataset, start, stop = shard_of(dataset, shard[0], shard[1], batch_size=batch_size)
+        part_meta = {"shard": shard[0], "num_shards": shard[1], "start": start, "stop": stop, "total": total}
     result = embed_dataset(
         loaded.model.to(torch_device),
         dataset,
@@ -153,6 +235,7 @@ def extract_split(
         "dataset": str(data_cfg.name),
         "split": split,
         "normalized": bool(loaded.manifest["embedding"]["normalized"]),
+        **part_meta,
     }
     return result
 
@@ -163,7 +246,7 @@ def load_or_extract(
 ) -> EmbeddingSet:
     """Embeddings of ``split`` from a version directory (extracted once, cached inside it) or an embeddings directory."""
     path = Path(path)
-    if (path / "meta.json").is_file() and not (path / MANIFEST).is_file():
+    if is_embedding_set(path) and not (path / MANIFEST).is_file():
         return EmbeddingSet.load(path)
     manifest = load_manifest(path)
     cache = path / "embeddings" / _cache_name(data_cfg, split)

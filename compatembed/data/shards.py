@@ -18,7 +18,9 @@ do not apply.
 :func:`shard_loader` wraps it in a DataLoader yielding ``(images, labels, positions)`` batches,
 the triple :class:`~compatembed.data.loaders.ArrayBatchLoader` yields; shard order, the
 per-worker shuffle buffer and augmentation draws are seeded by ``(seed, epoch)`` through
-``set_epoch``, so an epoch draws the same batches after a resume.
+``set_epoch``, so an epoch draws the same batches after a resume. Under torchrun each rank reads
+every ``world_size``-th shard of the epoch's order (``rank``/``world_size``), so ranks read disjoint
+shards; shards differ in size, so the training loop runs the steps of the rank with the fewest.
 """
 
 from __future__ import annotations
@@ -238,6 +240,8 @@ class WebDatasetShards(IterableDataset):
         shuffle: Shuffle when iterated (set by :func:`shard_loader`; ``False`` by default).
         seed: Seeds the shuffle, together with the epoch.
         epoch: The epoch whose order the next iteration draws (:meth:`set_epoch`).
+        rank / world_size: This process's share when several read the shards (set by
+            :func:`shard_loader`; ``0`` and ``1`` by default): the shards :meth:`rank_shards` lists.
 
     Raises:
         DataError: A shard is missing or no plain tar file, a sample lacks its image or label, a
@@ -275,6 +279,7 @@ class WebDatasetShards(IterableDataset):
         self.shuffle = False
         self.seed = 0
         self.epoch = 0
+        self.rank, self.world_size = 0, 1
         _logger.info(
             "indexed %d shard(s) of %s: %d samples, %d classes in %.2f s",
             len(self.shard_paths),
@@ -297,6 +302,23 @@ class WebDatasetShards(IterableDataset):
         """Select the epoch whose shard order and shuffle the next iteration draws."""
         self.epoch = int(epoch)
 
+    def select_shards(self, first: int, stop: int) -> "WebDatasetShards":
+        """The samples of shards ``[first, stop)`` only, keeping their ids: one part of a sharded extraction.
+
+        Raises:
+            ConfigError: the range is empty or outside the shard list.
+        """
+        if not 0 <= first < stop <= len(self.shard_paths):
+            raise ConfigError(f"shards [{first}, {stop}) are not a non-empty range of the {len(self.shard_paths)} shards")
+        part = copy.copy(self)
+        begin = int(self.shard_starts[first])
+        end = begin + int(self.shard_counts[first:stop].sum())
+        part.shard_paths = self.shard_paths[first:stop]
+        part.shard_counts = self.shard_counts[first:stop]
+        part.shard_starts = self.shard_starts[first:stop] - begin  # positions index this part's targets
+        part.targets, part.ids = self.targets[begin:end], self.ids[begin:end]
+        return part
+
     def epoch_shards(self) -> list[int]:
         """Shard indices in the order this epoch reads them (shuffled by ``(seed, epoch)`` when :attr:`shuffle`).
 
@@ -307,9 +329,16 @@ class WebDatasetShards(IterableDataset):
             random.Random(_mix(self.seed, self.epoch)).shuffle(order)
         return order
 
+    def rank_shards(self) -> list[int]:
+        """This rank's shards this epoch: every ``world_size``-th of :meth:`epoch_shards`, from ``rank``.
+
+        Every rank computes the same epoch order, so the ranks' shards are disjoint and cover them all.
+        """
+        return self.epoch_shards()[self.rank :: self.world_size]
+
     def worker_counts(self, num_workers: int) -> list[int]:
-        """Samples each of ``num_workers`` DataLoader workers yields this epoch (one entry for 0 workers)."""
-        order = self.epoch_shards()
+        """Samples each of ``num_workers`` DataLoader workers of this rank yields this epoch (one entry for 0 workers)."""
+        order = self.rank_shards()
         workers = max(1, int(num_workers))
         return [int(sum(self.shard_counts[s] for s in order[w::workers])) for w in range(workers)]
 
@@ -362,7 +391,7 @@ class WebDatasetShards(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int, int]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        urls = [self.shard_paths[i] for i in self.epoch_shards()]
+        urls = [self.shard_paths[i] for i in self.rank_shards()]
         stages: list[Any] = [
             wds.SimpleShardList(urls),
             wds.split_by_worker,
@@ -370,7 +399,7 @@ class WebDatasetShards(IterableDataset):
             self._positioned,
         ]
         if self.shuffle:
-            seed = _mix(self.seed, self.epoch, worker)
+            seed = _mix(self.seed, self.epoch, worker, *([self.rank] if self.rank else []))  # rank 0: a single process's
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed))
         stages.append(self._decode)
         return iter(wds.DataPipeline(*stages))
@@ -402,7 +431,8 @@ class ShardLoader(DataLoader):
         return sum(n // batch if self.drop_last else -(-n // batch) for n in counts)
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self.generator.manual_seed(_mix(self.seed, self.dataset.epoch) ^ 0x5DEECE66D)  # type: ignore[attr-defined,union-attr]
+        rank = self.dataset.rank  # type: ignore[attr-defined]
+        self.generator.manual_seed(_mix(self.seed, self.dataset.epoch, *([rank] if rank else [])) ^ 0x5DEECE66D)  # type: ignore[attr-defined,union-attr]
         batches = super().__iter__()
         try:
             yield from batches
@@ -424,6 +454,8 @@ def shard_loader(
     device: str | torch.device,
     shuffle: bool = True,
     drop_last: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> ShardLoader:
     """A DataLoader of ``(images, labels, positions)`` batches streamed from ``dataset``'s shards.
 
@@ -439,9 +471,13 @@ def shard_loader(
         device: Where training runs; batches are pinned for a CUDA device.
         shuffle: Shuffle shards and samples every epoch.
         drop_last: Drop each worker's last, smaller batch.
+        rank: This process's rank among ``world_size``: it reads the shards
+            :meth:`WebDatasetShards.rank_shards` lists.
+        world_size: Processes reading the shards (1: this loader reads them all).
 
     Raises:
-        ConfigError: ``dataset`` is no :class:`WebDatasetShards`, or a count is not positive.
+        ConfigError: ``dataset`` is no :class:`WebDatasetShards`, a count is not positive, ``rank``
+            is not in ``[0, world_size)``, or there are fewer shards than processes.
     """
     if not isinstance(dataset, WebDatasetShards):
         raise ConfigError(f"shard_loader needs a WebDatasetShards dataset, got {type(dataset).__name__}")
@@ -449,15 +485,24 @@ def shard_loader(
         raise ConfigError(f"batch size must be positive, got {batch_size}")
     if num_workers < 0:
         raise ConfigError(f"num_workers must be non-negative, got {num_workers}")
-    if num_workers > len(dataset.shard_paths):
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+    if len(dataset.shard_paths) < world_size:
+        raise ConfigError(
+            f"{len(dataset.shard_paths)} shard(s) for {world_size} processes: every process reads whole shards, so "
+            "write at least as many shards as processes (tools/make_shards.py)"
+        )
+    per_rank = len(dataset.shard_paths) // world_size
+    if num_workers > per_rank:
         _logger.warning(
             "%d workers for %d shards: %d workers stay idle (write smaller shards)",
             num_workers,
-            len(dataset.shard_paths),
-            num_workers - len(dataset.shard_paths),
+            per_rank,
+            num_workers - per_rank,
         )
     streamed = copy.copy(dataset)
     streamed.shuffle, streamed.seed = bool(shuffle), int(seed)
+    streamed.rank, streamed.world_size = int(rank), int(world_size)
     return ShardLoader(
         streamed,
         seed=seed,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from compatembed import distributed
 from compatembed.embeddings import embed_dataset
 from compatembed.errors import ConfigError, DataError
 from compatembed.models.version import (
@@ -82,8 +83,15 @@ class MethodContext:
 
         Returns:
             (N, D) float32 tensor on CPU, row i = item i of ``train_set``. Cached on disk under
-            ``cache_dir`` keyed by the model's weights hash and the item ids.
+            ``cache_dir`` keyed by the model's weights hash and the item ids. Under torchrun, rank 0
+            computes them (and alone reads and writes the cache) and broadcasts them: every rank
+            gets the same tensor, and what is derived from it (prototypes, maps) is the same.
         """
+        if distributed.is_distributed():
+            return distributed.broadcast_tensor(self._features(model, name=name) if distributed.is_main() else None)
+        return self._features(model, name=name)
+
+    def _features(self, model: nn.Module, *, name: str) -> torch.Tensor:
         dataset = self.eval_view(model.preprocessing)
         ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
         key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes()).hexdigest()[:16]

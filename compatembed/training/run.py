@@ -3,6 +3,12 @@
 ``train(cfg)`` takes a composed ``conf/train.yaml`` config (``compatembed-train`` is its command line;
 tests and tools call it directly). :func:`validate` evaluates the trained version on the validation
 split after training, and :func:`train_and_validate` returns the number a sweep maximises.
+
+Started by torchrun (``WORLD_SIZE`` > 1), :func:`train` joins the process group for the run: every
+rank builds the same method (rank 0 first decodes the dataset cache, and computes the frozen
+teachers' features, which it broadcasts), trains its share of each global batch
+(``data.loader.batch_size`` is per rank) and runs ``finalize``; rank 0 alone writes the config, the
+metrics, the checkpoints and the model version, and validates.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
+from compatembed import distributed
 from compatembed.data import build_dataset, build_transform
 from compatembed.data.loaders import training_loader
 from compatembed.errors import ConfigError, ManifestError
@@ -25,6 +32,7 @@ from compatembed.eval.pair_report import evaluate
 from compatembed.hardware import resolve_device, resolve_num_workers, set_torch_threads
 from compatembed.methods.base import Method, MethodContext
 from compatembed.models.version import load_manifest, save_model_version
+from compatembed.training.loggers import NullLogger
 from compatembed.training.loop import TrainerConfig, fit
 
 _logger = logging.getLogger(__name__)
@@ -56,7 +64,8 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
     """
     model = instantiate(cfg.model)
     transform = build_transform(model.preprocessing, train=True, augment=cfg.data.augment)
-    train_set = build_dataset(cfg.data, "train", transform=transform)
+    with distributed.main_first():  # under torchrun rank 0 decodes the array cache, the others then read it
+        train_set = build_dataset(cfg.data, "train", transform=transform)
     if len(train_set) == 0:
         raise ConfigError("the training split is empty after class selection")
     method: Method = instantiate(cfg.method, model=model, num_classes=int(cfg.data.num_classes))
@@ -103,15 +112,26 @@ def check_references(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> Path:
     """Train ``cfg.method`` on ``cfg.data`` and write the model version to ``cfg.output_dir``.
 
+    Under torchrun every rank calls this; it joins the process group for the run (see the module doc).
+
     Returns:
-        The model version directory.
+        The model version directory (on every rank; rank 0 wrote it).
     """
     check_references(cfg)
-    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.trainer.device)
+    with distributed.process_group(device, timeout_min=float(cfg.trainer.dist_timeout_min)):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> Path:
+    seed_everything(int(cfg.seed))  # the same on every rank: every rank builds the same method
     set_torch_threads(cfg.trainer.num_threads)
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    main, world = distributed.is_main(), distributed.world_size()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    distributed.barrier()
 
     method, train_set, ctx = prepare_method(cfg)
     model_cfg: dict[str, Any] = ctx.model_config
@@ -126,9 +146,13 @@ def train(cfg: DictConfig) -> Path:
         seed=int(cfg.seed),
         device=device,
         num_workers=resolve_num_workers(loader_cfg.num_workers),
+        rank=distributed.rank(),
+        world_size=world,
     )
+    if world > 1:  # each rank its own dropout and augmentation draws from here on
+        seed_everything(int(cfg.seed) + 1_000_033 * distributed.rank())
     trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
-    logger = instantiate(cfg.logger)
+    logger = instantiate(cfg.logger) if main else NullLogger()
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:
         summary = fit(
@@ -150,6 +174,9 @@ def train(cfg: DictConfig) -> Path:
     if frozen_after != frozen_before:  # a bug, never a user error: keep the traceback
         raise RuntimeError(f"frozen models changed during training: {sorted(frozen_before)}")
 
+    if not main:
+        distributed.barrier()  # rank 0 writes the model version
+        return run_dir
     deployed = method.deployed_model().cpu().eval()
     training = {
         "dataset": str(cfg.data.name),
@@ -163,6 +190,10 @@ def train(cfg: DictConfig) -> Path:
         "summary": summary,
         **facts,
     }
+    if world > 1:
+        training["distributed"] = {"world_size": world, "batch_size_per_rank": int(loader_cfg.batch_size),
+                                   "global_batch_size": int(loader_cfg.batch_size) * world,
+                                   "sync_batchnorm": bool(trainer_cfg.sync_batchnorm)}
     out = save_model_version(
         run_dir,
         version_id=str(cfg.version_id),
@@ -176,6 +207,7 @@ def train(cfg: DictConfig) -> Path:
         edges=method.compatibility_edges(),
     )
     _logger.info("model version %s written to %s", cfg.version_id, out)
+    distributed.barrier()
     return out
 
 
@@ -218,7 +250,7 @@ def train_and_validate(cfg: DictConfig) -> tuple[Path, float | None]:
     if bool(cfg.validation.enabled):
         _check_validation(cfg)  # before the training, not after it
     out = train(cfg)
-    if not bool(cfg.validation.enabled):
+    if not bool(cfg.validation.enabled) or distributed.launched_rank()[0] != 0:  # under torchrun rank 0 validates
         return out, None
     report = validate(cfg, out)
     return out, sweep_metric(report, str(cfg.validation.metric))

@@ -1,14 +1,16 @@
 """``compatembed-index``: manage and serve a mixed-version gallery from the command line.
 
 Every command but ``serve`` opens the data directory, does one thing and prints JSON. Arrays are
-``.npy`` files (``compatembed-extract`` writes ``embeddings.npy`` and ``ids.npy``). Errors caused by
-input print one line to stderr and exit with status 2.
+``.npy`` files (``compatembed-extract`` writes ``embeddings.npy`` and ``ids.npy``); ``add`` and
+``upgrade`` also take the directory it wrote (``--embeddings``), its ``shard-i-of-n`` parts merged.
+Errors caused by input print one line to stderr and exit with status 2.
 
 Examples::
 
     compatembed-index --data-dir gallery register runs/v1 runs/v2
     compatembed-index --data-dir gallery create photos --factory HNSW32
     compatembed-index --data-dir gallery add photos --version v1 --vectors emb.npy --ids ids.npy
+    compatembed-index --data-dir gallery add photos --version v1 --embeddings emb/v1   # compatembed-extract's out, sharded or not
     compatembed-index --data-dir gallery search photos --version v2 --queries q.npy -k 10
     compatembed-index --data-dir gallery locate photos --ids ids.npy
     compatembed-index --data-dir gallery serve --port 8080 --api-key "$KEY"
@@ -26,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from compatembed_index.embedding_sets import read_embedding_set
 from compatembed_index.errors import ConfigError, IndexServiceError, InvalidInputError
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +41,21 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         raise InvalidInputError(f"{what} file not found: {path}") from None
     except ValueError as exc:
         raise InvalidInputError(f"{what} file {path} is not a plain .npy array: {exc}") from None
+
+
+def _load_items(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """``(vectors, ids)`` of ``add``/``upgrade``: from ``--embeddings DIR`` or from ``--vectors`` and ``--ids``."""
+    if args.embeddings is not None:
+        if args.vectors is not None or args.ids is not None:
+            raise InvalidInputError("give --embeddings DIR or --vectors and --ids, not both")
+        stored = read_embedding_set(args.embeddings)
+        made_by = stored.meta.get("version_id")
+        if made_by is not None and made_by != args.version:
+            raise InvalidInputError(f"{args.embeddings} was embedded by version {made_by!r}, not --version {args.version!r}")
+        return stored.embeddings, stored.ids
+    if args.vectors is None or args.ids is None:
+        raise InvalidInputError("give --vectors and --ids (.npy files), or --embeddings DIR")
+    return _load_npy(args.vectors, "vectors"), _load_npy(args.ids, "ids")
 
 
 def _load_metadata(path: str | None, n: int) -> list[dict[str, Any] | None] | None:
@@ -88,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=helptext)
         s.add_argument("name", help="collection or alias")
         s.add_argument("--version", required=True, help="model version that embedded the vectors")
-        s.add_argument("--vectors", required=True, help=".npy (N, D) float32")
-        s.add_argument("--ids", required=True, help=".npy (N,) integer ids")
+        s.add_argument("--vectors", help=".npy (N, D) float32 (with --ids; or --embeddings)")
+        s.add_argument("--ids", help=".npy (N,) integer ids")
+        s.add_argument("--embeddings", metavar="DIR",
+                       help="a directory compatembed-extract wrote, whole or in shard-i-of-n parts (merged, every id once)")
         s.add_argument("--metadata", help="JSON lines, one object (or null) per item")
         if name == "add":
             s.add_argument("--upsert", action="store_true", help="replace items that already exist")
@@ -239,8 +259,7 @@ def _run(args: argparse.Namespace) -> Any:
                                          search_params=args.search_params, train_size=args.train_size,
                                          device=args.device)
         if c in ("add", "upgrade"):
-            x = _load_npy(args.vectors, "vectors")
-            ids = _load_npy(args.ids, "ids")
+            x, ids = _load_items(args)
             meta = _load_metadata(args.metadata, len(ids))
             if c == "add":
                 seq = svc.add(args.name, args.version, ids, x, meta, upsert=args.upsert)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from compatembed.data import ClassSubset, Preprocessing, SyntheticImages, build_transform
 from compatembed.data.array_cache import decode_to_array
@@ -70,3 +70,55 @@ def test_refuses_what_it_cannot_serve() -> None:
                          drop_last=False)
     with pytest.raises(ConfigError, match="batch size"):
         ArrayBatchLoader(_subset(), batch_size=0, shuffle=False, drop_last=False)
+
+
+def _positions(loader) -> list[int]:
+    return torch.cat([batch[2] for batch in loader]).tolist()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_take_what_a_distributed_sampler_gives_them(world: int) -> None:
+    subset = _subset()  # 27 items: padded to a multiple of the world size
+    for rank in range(world):
+        loader = ArrayBatchLoader(subset, batch_size=3, shuffle=False, drop_last=False, rank=rank, world_size=world)
+        sampler = DistributedSampler(range(len(subset)), num_replicas=world, rank=rank, shuffle=False)
+        assert _positions(loader) == list(sampler)
+        assert len(loader) == -(-len(sampler) // 3)
+
+
+def test_ranks_share_one_seeded_order_and_together_make_the_single_process_batches() -> None:
+    subset = _subset()
+    whole = ArrayBatchLoader(subset, batch_size=9, shuffle=True, drop_last=True, seed=5)
+    parts = [ArrayBatchLoader(subset, batch_size=3, shuffle=True, drop_last=True, seed=5, rank=r, world_size=3) for r in range(3)]
+    for epoch in (0, 1):
+        whole.set_epoch(epoch)
+        for part in parts:
+            part.set_epoch(epoch)
+        per_rank = [list(part) for part in parts]
+        assert {len(batches) for batches in per_rank} == {len(whole)} == {3}
+        covered = sorted(p for batches in per_rank for batch in batches for p in batch[2].tolist())
+        assert covered == list(range(27))  # 27 = 3 x 9: disjoint, nothing padded, nothing left out
+        for i, batch in enumerate(whole):  # a global batch is the single process's batch of world x the size
+            assert sorted(batch[2].tolist()) == sorted(p for batches in per_rank for p in batches[i][2].tolist())
+
+
+def test_a_rank_outside_the_world_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"rank 2 is not in \[0, world_size=2\)"):
+        ArrayBatchLoader(_subset(), batch_size=2, shuffle=True, drop_last=False, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="rank"):
+        training_loader(_subset(), batch_size=2, seed=0, device=torch.device("cpu"), rank=0, world_size=0)
+
+
+def test_per_image_datasets_are_split_by_a_distributed_sampler_with_set_epoch() -> None:
+    streamed = SyntheticImages(num_classes=2, per_class=5, image_size=8, transform=build_transform(PRE, train=False))
+    cpu = torch.device("cpu")
+    loaders = [training_loader(streamed, batch_size=2, seed=0, device=cpu, rank=r, world_size=2) for r in range(2)]
+    orders = []
+    for epoch in (0, 1):
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        positions = [_positions(loader) for loader in loaders]
+        assert len(positions[0]) == len(positions[1]) == 4  # 5 items each, the last, smaller batch dropped
+        assert not set(positions[0]) & set(positions[1])
+        orders.append(positions[0])
+    assert orders[0] != orders[1]

@@ -283,3 +283,50 @@ def test_streamed_shards_refuse_item_selection_when_built(shards, compose) -> No
     for extra in ("data.classes=0-1", "data.train_per_class=2", "data.validation.fraction=0.1"):
         with pytest.raises(ConfigError, match="cannot select items"):
             build_dataset(compose("train", base + [extra]).data, "train")
+
+
+def test_ranks_read_disjoint_shards_that_cover_the_epoch(shards) -> None:
+    pattern, classes, _ = shards
+    ds = WebDatasetShards(pattern, classes, transform=pil_to_tensor)
+    for epoch in (0, 1):
+        loaders = [shard_loader(ds, batch_size=2, num_workers=0, seed=3, device="cpu", drop_last=False, rank=r, world_size=2)
+                   for r in range(2)]
+        for loader in loaders:
+            loader.set_epoch(epoch)
+        read = [_positions(loader) for loader in loaders]
+        assert sorted(read[0] + read[1]) == list(range(len(ds)))  # every sample once, by one rank
+        shards_of = [loader.dataset.rank_shards() for loader in loaders]
+        assert sorted(shards_of[0] + shards_of[1]) == [0, 1, 2, 3]
+        assert [len(loader) for loader in loaders] == [-(-len(r) // 2) for r in read]
+
+
+def test_fewer_shards_than_ranks_is_refused(shards) -> None:
+    pattern, classes, _ = shards
+    with pytest.raises(ConfigError, match="4 shard\\(s\\) for 5 processes"):
+        shard_loader(WebDatasetShards(pattern, classes), batch_size=2, num_workers=0, seed=0, device="cpu", rank=0,
+                     world_size=5)
+
+
+def test_a_part_of_the_shards_keeps_the_ids_of_its_samples(shards) -> None:
+    pattern, classes, written = shards
+    ds = WebDatasetShards(pattern, classes)
+    part = ds.select_shards(1, 3)  # the shards of 8 and 12 samples: items 10-29
+    assert len(part) == 20 and part.ids.tolist() == list(range(10, 30)) and part.shard_starts.tolist() == [0, 8]
+    items = list(part)
+    assert [int(part.ids[p]) for _, _, p in items] == list(range(10, 30))
+    for image, label, position in items:
+        _, data, source_label = written[int(part.ids[position])]
+        assert label == source_label and np.array_equal(np.asarray(image), _decode(data))
+    assert len(ds) == 36 and ds.shard_starts.tolist() == [0, 10, 18, 30]  # the whole set is untouched
+    with pytest.raises(ConfigError, match="not a non-empty range"):
+        ds.select_shards(2, 2)
+
+
+def test_extraction_parts_of_streamed_shards_are_whole_tar_files(shards) -> None:
+    from compatembed.embeddings import shard_of
+
+    pattern, classes, _ = shards
+    ds = WebDatasetShards(pattern, classes)
+    assert [shard_of(ds, i, 2, batch_size=4)[1:] for i in range(2)] == [(0, 18), (18, 36)]
+    with pytest.raises(ConfigError, match="only 4 tar files"):
+        shard_of(ds, 0, 5, batch_size=4)
