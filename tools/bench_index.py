@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import logging
 import os
@@ -197,12 +198,18 @@ def bench_http(data_dir: Path, q: np.ndarray, k: int, concurrencies: list[int], 
             if time.monotonic() > deadline:
                 raise RuntimeError("the server was not ready within 300 s")
             time.sleep(0.2)
+        q1 = np.ascontiguousarray(q[:1], dtype="<f4")
         body = {"version": "v3", "vectors": q[:1].tolist(), "k": k}
-        out: dict[str, Any] = {"server": "own process: " + " ".join(cmd[1:]), "health": {}, "search": {}}
+        body_b64 = {"version": "v3", "k": k, "vectors_b64": {
+            "shape": list(q1.shape), "data": base64.b64encode(q1.tobytes()).decode("ascii")}}
+        out: dict[str, Any] = {"server": "own process: " + " ".join(cmd[1:]), "health": {}, "search": {},
+                               "search_b64": {}}
         for c in concurrencies:
             out["health"][str(c)] = _latencies(base + "/health", None, c, requests)
             out["search"][str(c)] = _latencies(base + "/collections/bench/search", body, c, requests)
-            LOG.info("concurrency %d: health %s, search %s", c, out["health"][str(c)], out["search"][str(c)])
+            out["search_b64"][str(c)] = _latencies(base + "/collections/bench/search", body_b64, c, requests)
+            LOG.info("concurrency %d: health %s, search %s, base64 %s", c, out["health"][str(c)],
+                     out["search"][str(c)], out["search_b64"][str(c)])
     finally:
         server.terminate()
         try:
@@ -333,15 +340,18 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         f"Server: `{h['server']}`, a separate process; clients are httpx keep-alive connections in threads "
         f"of the benchmark process. In-process call of the same search: p50 {h['in_process']['p50_ms']:.2f} ms, "
         f"p99 {h['in_process']['p99_ms']:.2f} ms. `/health` does no work, so its latency is the HTTP round "
-        "trip alone (client, uvicorn, FastAPI).",
+        "trip alone (client, uvicorn, FastAPI). Queries go as JSON rows (`vectors`) and as base64 float32 "
+        "(`vectors_b64`); answers are encoded by orjson.",
         "",
-        "| concurrency | requests | /health p50 ms | /health p99 ms | search p50 ms | search p99 ms | search requests/s |",
-        "|---|---|---|---|---|---|---|",
+        "| concurrency | requests | /health p50 ms | /health p99 ms | search p50 ms | search p99 ms | search requests/s "
+        "| base64 search p50 ms | base64 search p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c, v in h["search"].items():
-        hv = h["health"][c]
+        hv, bv = h["health"][c], h.get("search_b64", {}).get(c)
+        b64 = f"{bv['p50_ms']:.2f} | {bv['p99_ms']:.2f}" if bv else "— | —"
         lines.append(f"| {c} | {v['requests']} | {hv['p50_ms']:.2f} | {hv['p99_ms']:.2f} | {v['p50_ms']:.2f} | "
-                     f"{v['p99_ms']:.2f} | {v['requests_per_s']:.0f} |")
+                     f"{v['p99_ms']:.2f} | {v['requests_per_s']:.0f} | {b64} |")
     lines += ["", f"## Recall@10 vs exact search — {r['source']}", "",
               f"{r['database']} database vectors, {r['queries']} queries, dim {r['dim']}.", "",
               "| factory | params | recall@10 | queries/s | build s |", "|---|---|---|---|---|"]
