@@ -30,7 +30,7 @@ from index_helpers import Chain, ServedApp
 KEY = "ui-s3cret"
 N = 40
 UPGRADED = list(range(0, N, 3))  # in `mixed`, these items hold v3 vectors
-XSS = 7  # the item whose metadata holds markup
+XSS = 6  # the item whose metadata holds markup (a v3 item of `mixed`: its own top hit)
 SCRIPT = "<script>window.__pwned = 1</script>"
 IMG = '<img src=x onerror="window.__pwned = 2">'
 
@@ -416,6 +416,7 @@ def test_markup_in_metadata_and_report_is_shown_as_text_and_never_runs(page):
     assert SCRIPT in text and "onerror" in text  # the markup, as text
     assert card.query_selector("script") is None and page.query_selector("#results img[src=x]") is None
     assert card.query_selector(".thumb.placeholder") is not None  # its image path has '..': no image
+    assert SCRIPT in page.inner_text("#query")  # the query's own card and metadata too
     page.wait_for_selector("#report-section:not([hidden]) table")
     assert SCRIPT in page.inner_text("#report")
     assert page.evaluate("() => window.__pwned") is None
