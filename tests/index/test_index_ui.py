@@ -25,7 +25,7 @@ from compatembed_index.server import create_app
 from compatembed_index.settings import IndexSettings
 from compatembed_index.ui import CSP, STATIC
 
-from index_helpers import Chain, ServedApp
+from index_helpers import Chain, ServedApp, write_version
 
 KEY = "ui-s3cret"
 N = 40
@@ -72,6 +72,13 @@ def served(tmp_path_factory):
     svc = IndexService(root / "data", max_k=50, max_batch=100)
     for d in chain.dirs.values():
         svc.register_version(d)
+    # a BCT-like pair whose names sort against their age: an identity edge routes queries both ways
+    svc.register_version(write_version(root / "versions", "zz_old", Chain.D1))
+    svc.register_version(write_version(root / "versions", "aa_new", Chain.D1, parent="zz_old", identity="zz_old"))
+    for name, version in (("bct_old", "zz_old"), ("bct_mixed", "zz_old")):
+        svc.create_collection(name)
+        svc.add(name, version, np.arange(10), rng.normal(size=(10, Chain.D1)))
+    svc.upgrade("bct_mixed", "aa_new", [0, 1, 2], rng.normal(size=(3, Chain.D1)))
     ids = np.arange(N)
     x1, x3 = rng.normal(size=(N, Chain.D1)), rng.normal(size=(N, Chain.D3))
     meta = [_metadata(i) for i in range(N)]
@@ -333,7 +340,7 @@ def test_page_lists_collections_versions_routes_and_backfill(page, served):
     assert f"{up} ({100 * up / N:.1f}%)" in mixed  # upgraded to v3
     assert f"{N - up} ({100 * (N - up) / N:.1f}%)" in mixed  # v1 items still to backfill
     nodes = page.query_selector_all("#graph svg g[data-version]")
-    assert sorted(n.get_attribute("data-version") for n in nodes) == ["v0", "v1", "v2", "v3"]
+    assert sorted(n.get_attribute("data-version") for n in nodes) == ["aa_new", "v0", "v1", "v2", "v3", "zz_old"]
     assert page.query_selector_all("#graph svg path.edge.forward")  # the forward edge v1 → v3
     v3_row = page.inner_text("#routes tr[data-query-version=v3]")
     assert "query route v3 › v2 › v1" in v3_row and "direct" in v3_row
@@ -385,6 +392,16 @@ def test_side_by_side_old_new_and_mixed(page, served, tmp_path):
     assert {v for _, v in _cards(page.query_selector("#compare .column[data-index='2']"))} == {"v1", "v3"}
     assert "v1: query:v3>v2>v1" in page.inner_text("#compare .column[data-index='1'] .routes-line")
     page.screenshot(path=str(tmp_path / "ui_compare.png"), full_page=True)
+
+
+def test_side_by_side_defaults_follow_the_declared_edges_not_the_names(page):
+    page.select_option("#collection", "bct_mixed")
+    columns = page.eval_on_selector_all(
+        "#columns .column-editor", "rows => rows.map(r => [r.querySelector('.column-version').value, "
+        "r.querySelector('.column-collection').value])")
+    assert columns == [["zz_old", "bct_old"], ["aa_new", "bct_old"], ["aa_new", "bct_mixed"]]
+    order = page.eval_on_selector_all("#graph svg g[data-version]", "gs => gs.map(g => g.getAttribute('data-version'))")
+    assert order.index("zz_old") < order.index("aa_new") and order.index("v1") < order.index("v2") < order.index("v3")
 
 
 def test_search_with_an_uploaded_npy_vector(page, served, tmp_path):

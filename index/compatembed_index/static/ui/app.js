@@ -174,9 +174,22 @@ function selectCollection(name) {
 
 // -- the version graph ----------------------------------------------------------------------------------
 function versionOrder() {
-  // oldest first: a version that can query more others is newer
-  const reach = (v) => Object.entries(state.routes.query[v] || {}).filter(([s, p]) => s !== v && p).length;
-  return state.versions.map((v) => v.version_id).sort((a, b) => reach(a) - reach(b) || a.localeCompare(b));
+  // oldest first: a version's manifest declares its edges to older versions (a query edge's target, a
+  // forward edge's source), so its depth is the longest chain of declared edges below it. Routes cannot
+  // tell age: an identity edge routes queries both ways.
+  const older = Object.fromEntries(state.versions.map((v) => [v.version_id,
+    v.edges.map((e) => (e.kind === "forward" ? e.source : e.target))]));
+  const depth = {};
+  const walk = (v, seen) => {
+    if (v in depth) return depth[v];
+    if (seen.has(v)) return 0;  // a cycle of declarations: stop
+    seen.add(v);
+    depth[v] = Math.max(0, ...older[v].filter((o) => o in older).map((o) => 1 + walk(o, seen)));
+    return depth[v];
+  };
+  const ids = Object.keys(older);
+  ids.forEach((v) => walk(v, new Set()));
+  return ids.sort((a, b) => depth[a] - depth[b] || a.localeCompare(b));
 }
 
 function renderGraph() {
