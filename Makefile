@@ -13,8 +13,17 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e '.[dev]'
 	touch $@
 
-.PHONY: setup demo lint test test-slow
+.PHONY: setup browser demo lint test test-slow
 setup: $(VENV)/.installed
+
+# The index service's web page (/ui) is tested in Debian's Chromium, driven by Playwright (dev extra) with
+# executable_path: Playwright's own browser download is not used. Installed here when missing and apt-get
+# can run (as root); otherwise those tests skip and say why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium is missing and apt-get cannot install it here: the browser tests of /ui will skip"
 
 demo: setup
 	WANDB_MODE=offline $(VENV)/bin/compatembed-demo
@@ -22,7 +31,7 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-test: setup lint
+test: setup lint browser
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test-slow: setup

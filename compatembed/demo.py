@@ -8,7 +8,8 @@
 4. upgrades part of the gallery (re-embeds those items with the new model) and queries again: the
    gallery is now mixed-version, and both segments answer;
 5. writes the compatibility report (matrix, criterion, mixed gallery, backfill curves, plots) with the
-   deployment gate's verdict, and says where it is.
+   deployment gate's verdict, and says where it is, and how to serve the gallery, its CIFAR-10
+   thumbnails (``images/``) and the report to the index service's web page (``/ui/``).
 
 It uses the same Hydra configs as ``compatembed-train`` (``experiment=cifar10_independent_old`` and
 ``experiment=cifar10_<method>``) on the whole training split with fewer epochs (4 instead of 6), so the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -90,6 +92,30 @@ def _picture_queries(labels: np.ndarray, count: int) -> np.ndarray:
     return np.array([rng.choice(np.flatnonzero(labels == c)) for c in order[:count]], dtype=np.int64)
 
 
+def _write_thumbnails(data_cfg: Any, root: Path) -> dict[int, dict[str, Any]]:
+    """Each test image as ``<root>/<id>.png``, the web page's thumbnails (``serve --image-root <root>``).
+
+    Returns each item's metadata by id: its label, class name and image file (relative to ``root``).
+    """
+    from PIL import Image
+
+    images = build_dataset(data_cfg, "test")  # no transform: PIL images, the decoded array when cached
+    root.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    for pos, item_id in enumerate(images.ids):
+        picture, label = images[pos]
+        picture = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
+        picture.save(root / f"{int(item_id)}.png")
+        meta[int(item_id)] = {"label": int(label), "class": images.classes[int(label)], "image": f"{int(item_id)}.png"}
+    return meta
+
+
+def serve_command(out: Path) -> str:
+    """The command that serves the demo's gallery, thumbnails and report to the web page (``/ui/``)."""
+    return shlex.join(["compatembed-index", "--data-dir", str(out / "index"), "serve", "--image-root", str(out / "images"),
+                       "--report-dir", str(out / "report")])
+
+
 def _write_neighbours(out: Path, data_cfg: Any, searches: dict[str, list[list[dict[str, Any]]]], query_ids: np.ndarray,
                       query_labels: np.ndarray) -> Path:
     """The picture of what compatibility means: each query's top-5 under every search, right ones in green."""
@@ -123,17 +149,20 @@ def run(args: argparse.Namespace) -> Path:
 
     # The story starts from scratch every time: a rerun (other settings, or after a cut-short run) must not
     # resume against versions or an index left by the previous one.
-    for part in ("old", "new", "index", "report"):
+    for part in ("old", "new", "index", "report", "images"):
         shutil.rmtree(out / part, ignore_errors=True)
     per_class = "all" if args.per_class is None else args.per_class
     print(f"[1/5] training the old model on classes 0-4 ({per_class} images per class, {args.epochs} epochs) and deploying it")
     old_dir = train(compose_config("train", common + old_o))
     old = load_or_extract(old_dir, data_cfg, "test", **extract)
+    meta = _write_thumbnails(data_cfg, out / "images")
+    items = [meta[int(i)] for i in old.ids]
     service = IndexService(out / "index", max_k=10)
     try:
         service.register_version(old_dir)
-        service.create_collection("gallery", factory="Flat")
-        service.add("gallery", "demo_old", old.ids, old.embeddings, [{"label": int(y)} for y in old.labels])
+        for name in ("gallery", "gallery_old"):  # gallery_old stays as deployed: the web page's side-by-side view
+            service.create_collection(name, factory="Flat")
+            service.add(name, "demo_old", old.ids, old.embeddings, items)
         service.set_alias("photos", "gallery")
         q = np.random.default_rng(0).choice(len(old), size=min(len(old), args.queries), replace=False)
         base, _ = _top1(service, "demo_old", old.embeddings[q], old.ids[q], old.labels[q])
@@ -161,6 +190,8 @@ def run(args: argparse.Namespace) -> Path:
         print(f"[4/5] upgrading {100 * args.upgrade:.0f}% of the gallery ({n_up} items re-embedded with demo_new)")
         up = np.random.default_rng(1).permutation(len(old))[:n_up]
         service.upgrade("gallery", "demo_new", old.ids[up], new_emb[up])
+        service.create_collection("gallery_new", factory="Flat")  # a full backfill, for the web page
+        service.add("gallery_new", "demo_new", old.ids, new_emb, items)
         mixed, answered = _top1(service, "demo_new", new_emb[q], old.ids[q], old.labels[q])
         searches["new model,\nmixed gallery"] = _neighbours(service, "demo_new", new_emb[pq], old.ids[pq])
         print(f"      mixed gallery: top-1 {100 * mixed:.1f}%; top hits came from {answered}")
@@ -191,6 +222,8 @@ def run(args: argparse.Namespace) -> Path:
     print(f"  deployment gate: {'PASS' if gate['passed'] else 'FAIL'}: {gate['reason']}")
     print(f"  report: {out / 'report' / 'report.md'} (plots: {out / 'report' / 'matrix_heatmap.png'}, "
           f"{out / 'report' / 'backfill.png'}, {picture})")
+    print(f"  look at it in a browser: {serve_command(out)}")
+    print("    then open http://127.0.0.1:8080/ui/ (gallery: mixed; gallery_old: as deployed; gallery_new: fully backfilled)")
     return out / "report" / "report.md"
 
 

@@ -297,6 +297,13 @@ class IndexService:
         """The version whose segment holds each item (None where absent). See :meth:`Collection.versions_of`."""
         return self.collection(collection).versions_of(ids)
 
+    def get_points(self, collection: str, ids: Any, *, include_vectors: bool = True,
+                   include_metadata: bool = True) -> list[dict[str, Any] | None]:
+        """Stored items with their version, metadata and stored vector (None where absent). See
+        :meth:`Collection.get_points`."""
+        return self.collection(collection).get_points(ids, include_vectors=include_vectors,
+                                                      include_metadata=include_metadata)
+
     def search(self, collection: str, version: str, queries: Any, k: int = 10, *, allow_partial: bool = False,
                include_metadata: bool = True) -> SearchResult:
         """Mixed-version search. See :meth:`Collection.search`."""

@@ -175,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-threads", type=int, default=None, help="worker threads writes may hold at once (default 4)")
     s.add_argument("--no-batching", action="store_true",
                    help="run each search as its own FAISS call (default: concurrent searches share one)")
+    s.add_argument("--image-root", default=None,
+                   help="directory of the items' images: the web page (/ui) shows metadata['image'] files under it")
+    s.add_argument("--report-dir", default=None,
+                   help="a compatibility report directory (report.md and plots) that the web page (/ui) shows")
     s.add_argument("--no-access-log", action="store_true",
                    help="no log line per request (saves server CPU; /metrics still counts every request)")
     return p
@@ -187,7 +191,7 @@ def _settings(args: argparse.Namespace) -> Any:
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
     for key in ("host", "port", "api_key", "max_body_bytes", "max_k", "max_result_slots", "body_timeout_seconds",
-                "keep_alive_seconds", "read_threads", "write_threads"):
+                "keep_alive_seconds", "read_threads", "write_threads", "image_root", "report_dir"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     if getattr(args, "no_access_log", False):

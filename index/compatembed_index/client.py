@@ -138,6 +138,17 @@ class IndexClient:
         """The version whose segment holds each item (None where absent)."""
         return self._call("POST", f"/collections/{_seg(collection)}/points/versions", {"ids": _ids(ids)})["versions"]
 
+    def get_points(self, collection: str, ids: Any, *, include_vectors: bool = True,
+                   include_metadata: bool = True) -> list[dict[str, Any] | None]:
+        """Stored items (None where absent); vectors travel as base64 float32 and come back as (D,) float32."""
+        body = {"ids": _ids(ids), "include_vectors": include_vectors, "include_metadata": include_metadata,
+                "binary": True}
+        points = self._call("POST", f"/collections/{_seg(collection)}/points/get", body)["points"]
+        for p in points:
+            if p is not None and "vector_b64" in p:
+                p["vector"] = np.frombuffer(base64.b64decode(p.pop("vector_b64")), dtype="<f4").astype(np.float32)
+        return points
+
     # -- search and routes
     def search(self, collection: str, version: str, queries: Any, k: int = 10, *,
                allow_partial: bool = False, include_metadata: bool = True) -> SearchResult:

@@ -772,6 +772,49 @@ class Collection:
         with self.lock.read():
             return [self._where.get(i) for i in arr.tolist()]
 
+    def get_points(self, ids: Any, *, include_vectors: bool = True,
+                   include_metadata: bool = True) -> list[dict[str, Any] | None]:
+        """The stored items ``ids``, in order, with None where an id is absent.
+
+        Each item is ``{"id", "version", "metadata", "vector"}`` (``metadata`` and ``vector`` only when
+        asked for): ``version`` is the version whose segment holds it, and ``vector`` its (D,) float32
+        vector as stored, in that version's space (normalised for a normalised version): what a "more
+        like this" search sends back as a query of ``version``.
+
+        Raises:
+            InvalidInputError: ``ids`` are not unique integers in [0, 2**63 - 1], or none are given.
+            LimitExceededError: more than ``max_batch`` ids, or an answer estimated above ``max_response_bytes``
+                (vectors count 16 bytes per value, as JSON numbers).
+        """
+        arr = as_ids(ids, max_rows=self.max_batch)
+        with self.lock.read():
+            self._check_live()
+            where = [self._where.get(i) for i in arr.tolist()]
+            raw = [self._meta.get(i) if v is not None else None for i, v in zip(arr.tolist(), where)]
+            limit = self.limits.max_response_bytes
+            if limit is not None:
+                total = 16 + sum(HIT_JSON_BYTES + len(v) + (len(m or "null") if include_metadata else 0)
+                                 + (16 * self.registry.get(v).dim if include_vectors else 0)
+                                 for v, m in zip(where, raw) if v is not None)
+                if total > limit:
+                    raise LimitExceededError(
+                        f"the answer would take about {total} bytes, above the limit max_response_bytes={limit}: "
+                        "ask for fewer ids, or include_vectors=false")
+            present = np.asarray([i for i, v in zip(arr.tolist(), where) if v is not None], dtype=np.int64)
+            stored = self.store.get_items(self.name, present) if include_vectors and len(present) else {}
+        out: list[dict[str, Any] | None] = []
+        for i, v, m in zip(arr.tolist(), where, raw):
+            if v is None:
+                out.append(None)
+                continue
+            item: dict[str, Any] = {"id": i, "version": v}
+            if include_metadata:
+                item["metadata"] = self._decode(m)
+            if include_vectors:
+                item["vector"] = np.array(stored[i][1], dtype=np.float32)
+            out.append(item)
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Sizes, factories, copies, calibration, sequence numbers and load problems (JSON-ready)."""
         with self.lock.read():

@@ -39,6 +39,18 @@ class ManifestError(IndexServiceError):
     status_code = 422
 
 
+class ForbiddenError(IndexServiceError):
+    """A file outside the directory it must come from (an image or report path that escapes its root)."""
+
+    status_code = 403
+
+
+class UnsupportedMediaTypeError(IndexServiceError):
+    """A file the web page asked for is not an image of a type it serves (PNG, JPEG, GIF, WebP, BMP)."""
+
+    status_code = 415
+
+
 class NotFoundError(IndexServiceError):
     """A collection, alias, version or item does not exist."""
 

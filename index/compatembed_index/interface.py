@@ -77,6 +77,12 @@ class Gallery(Protocol):
         """The version whose segment holds each item (None where absent)."""
         ...
 
+    def get_points(self, collection: str, ids: Any, *, include_vectors: bool = True,
+                   include_metadata: bool = True) -> list[dict[str, Any] | None]:
+        """Stored items as ``{id, version, metadata, vector}`` (``vector``: (D,) float32 as stored, in
+        ``version``'s space), None where an id is absent: what "more like this" searches with."""
+        ...
+
     # -- search and routes
     def search(self, collection: str, version: str, queries: Any, k: int = 10, *, allow_partial: bool = False,
                include_metadata: bool = True) -> SearchResult:

@@ -673,6 +673,10 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
         await run(svc().remove_alias, alias)
         return {"removed": alias}
 
+    # the web page (/ui) and the item read it needs (POST /collections/{name}/points/get): ui.py
+    from compatembed_index.ui import mount_ui
+    mount_ui(app, service=svc, read=read, settings=settings, doc=read_doc)
+
     if key is not None:
         def openapi() -> dict[str, Any]:
             if app.openapi_schema is None:

@@ -48,6 +48,12 @@ class IndexSettings(BaseSettings):
         mmap: load snapshot indexes memory-mapped where FAISS allows it.
         keep_snapshots: snapshots kept per collection.
         snapshot_on_shutdown: snapshot every collection at a clean shutdown (shorter replay at restart).
+        image_root: the directory the web page's thumbnails come from (``/ui/image?path=...``): an item's
+            ``metadata["image"]`` names a file under it. Only image files under it are served (no ``..``,
+            no absolute path, no symlink that leads outside it); None serves no images.
+        report_dir: a compatibility report directory (``report.md`` and its PNG plots, as written by
+            ``compatembed-report``) that the web page shows; None shows none.
+        max_image_bytes: largest image or report file the web page's routes serve (413 above it).
         log_level: uvicorn and service log level.
         access_log: one log line per request (uvicorn's access log). Off saves formatting and writing
             it, a visible share of the server's CPU on small searches; ``/metrics`` still counts every request.
@@ -81,6 +87,9 @@ class IndexSettings(BaseSettings):
     mmap: bool = False
     keep_snapshots: int = Field(2, ge=1)
     snapshot_on_shutdown: bool = True
+    image_root: Path | None = None
+    report_dir: Path | None = None
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
     access_log: bool = True
 
@@ -90,6 +99,13 @@ class IndexSettings(BaseSettings):
         if v is not None and not v.get_secret_value().strip():
             raise ValueError("api_key is empty or blank, which would turn authentication off: give a real key, "
                              "or leave it unset")
+        return v
+
+    @field_validator("image_root", "report_dir")
+    @classmethod
+    def _existing_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_dir():
+            raise ValueError(f"{v} is not a directory")
         return v
 
     @model_validator(mode="after")

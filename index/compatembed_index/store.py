@@ -111,6 +111,19 @@ class Store(abc.ABC):
                   include_deleted: bool = False) -> Iterator[ItemRows]:
         """Item rows with ``seq > after_seq`` (optionally of one version) in chunks, ordered by (seq, id)."""
 
+    def get_items(self, collection: str, ids: np.ndarray) -> dict[int, tuple[str, np.ndarray]]:
+        """The live items among ``ids``: id → (version, (D,) float32 stored vector); absent ids are left out.
+
+        This default scans every live row; :class:`SQLiteStore` looks the ids up by key.
+        """
+        wanted = set(np.asarray(ids, dtype=np.int64).tolist())
+        out: dict[int, tuple[str, np.ndarray]] = {}
+        for rows in self.iter_rows(collection):
+            for i, v, x in zip(rows.ids.tolist(), rows.versions, rows.vectors):
+                if i in wanted and x is not None:
+                    out[i] = (v, x)
+        return out
+
     @abc.abstractmethod
     def count(self, collection: str) -> dict[str, int]:
         """Live items per version."""
@@ -322,6 +335,18 @@ class SQLiteStore(Store):
                 seqs=np.array([r[5] for r in rows], dtype=np.int64),
                 matrix=matrix,
             )
+
+    def get_items(self, collection: str, ids: np.ndarray) -> dict[int, tuple[str, np.ndarray]]:
+        out: dict[int, tuple[str, np.ndarray]] = {}
+        keys = [int(i) for i in np.asarray(ids, dtype=np.int64).tolist()]
+        for start in range(0, len(keys), 500):  # below SQLite's limit on bound parameters
+            part = keys[start:start + 500]
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT id, version, vector FROM items WHERE collection = ? AND deleted = 0 "
+                    f"AND id IN ({','.join('?' * len(part))})", (collection, *part)).fetchall()
+            out.update((int(r[0]), (r[1], np.frombuffer(r[2], dtype=np.float32))) for r in rows)
+        return out
 
     def count(self, collection: str) -> dict[str, int]:
         with self._lock:
