@@ -490,6 +490,12 @@ def _cell(text: str) -> str:
     return " ".join(text.replace("|", "/").split())
 
 
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table: the header, its rule, one line per row (cells as given)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The report as markdown: command, machine, targets, then one section per phase (skipped ones say why)."""
     m = result.get("machine", {})
@@ -501,18 +507,16 @@ def render_markdown(result: dict[str, Any]) -> str:
              "(the machine may be shared: latencies are noisy, counts are not).", ""]
     if result.get("interrupted"):
         lines += [f"**Interrupted** ({result['interrupted']}): the numbers below are what was measured until then.", ""]
-    lines += ["## Targets", "", "| target | threshold | value | met | scope |", "|---|---|---|---|---|"]
-    for t in result.get("targets", []):
-        met = "not measured" if t["met"] is None else ("**yes**" if t["met"] else "**NO**")
-        lines.append(f"| {t['target']} | {t['threshold']} | {_fmt(t['value'], 3)} | {met} | {t['scope']} |")
+    lines += ["## Targets", "", *_table(
+        ["target", "threshold", "value", "met", "scope"],
+        ([t["target"], t["threshold"], _fmt(t["value"], 3),
+          "not measured" if t["met"] is None else ("**yes**" if t["met"] else "**NO**"), t["scope"]]
+         for t in result.get("targets", [])))]
     phases = result.get("phases", {})
-    lines += ["", "## Phases", "", "| phase | status | wall s | load average after | note |", "|---|---|---|---|---|"]
-    for ph in PHASES:
-        d = phases.get(ph)
-        if d is not None:
-            lines.append(f"| {ph} | {d.get('status')} | {_fmt(d.get('wall_s'))} | {d.get('load_average_at_end', '–')} | "
-                         f"{_cell(str(d.get('reason', '')))[:300]} |")
-    lines.append("")
+    lines += ["", "## Phases", "", *_table(
+        ["phase", "status", "wall s", "load average after", "note"],
+        ([ph, d.get("status"), _fmt(d.get("wall_s")), d.get("load_average_at_end", "–"),
+          _cell(str(d.get("reason", "")))[:300]] for ph in PHASES if (d := phases.get(ph)) is not None)), ""]
     for ph in PHASES:
         d = phases.get(ph) or {}
         if (d.get("server_5xx_in_metrics") or 0) > (d.get("server_errors_5xx") or 0):
@@ -527,17 +531,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                   f"{kill['kills']} SIGKILLs of `compatembed-index serve` (data dir on local disk), each followed by a "
                   f"restart and a check of every acknowledged write against the fsynced log; then a clean stop "
                   f"(SIGTERM) and a last restart check ({_fmt(kill.get('clean_restart_checked'))}).", "",
-                  "| kills | acknowledged writes | ids checked | lost | duplicated | torn | 5xx | unexpected 4xx |",
-                  "|---|---|---|---|---|---|---|---|",
-                  f"| {kill['kills']} | {kill['acknowledged']} | {kill.get('ids_checked')} | {kill['lost']} | "
-                  f"{kill['duplicated']} | {kill['torn']} | {kill['server_errors_5xx']} | {kill.get('unexpected_4xx', 0)} |",
-                  "", "| write kind | sent | acknowledged | in flight at a kill | p50 ms | p99 ms |",
-                  "|---|---|---|---|---|---|"]
-        for kind in WRITE_KINDS:
-            k = kill["by_kind"].get(kind, {})
-            lat = k.get("latency", {})
-            lines.append(f"| {kind} | {k.get('sent', 0)} | {k.get('acknowledged', 0)} | {k.get('killed_in_flight', 0)} | "
-                         f"{_fmt(lat.get('p50_ms'))} | {_fmt(lat.get('p99_ms'))} |")
+                  *_table(["kills", "acknowledged writes", "ids checked", "lost", "duplicated", "torn", "5xx",
+                           "unexpected 4xx"],
+                          [[kill["kills"], kill["acknowledged"], kill.get("ids_checked"), kill["lost"], kill["duplicated"],
+                            kill["torn"], kill["server_errors_5xx"], kill.get("unexpected_4xx", 0)]]), "",
+                  *_table(["write kind", "sent", "acknowledged", "in flight at a kill", "p50 ms", "p99 ms"],
+                          ([kind, k.get("sent", 0), k.get("acknowledged", 0), k.get("killed_in_flight", 0),
+                            _fmt(k.get("latency", {}).get("p50_ms")), _fmt(k.get("latency", {}).get("p99_ms"))]
+                           for kind in WRITE_KINDS if (k := kill["by_kind"].get(kind, {})) is not None))]
         lines += ["", f"Kills between two requests: {kill.get('killed_between', 0)}. Outcome of the write in flight "
                   f"at each kill: {kill.get('pending_outcomes', {})}. Restart to ready: "
                   f"p50 {_fmt(kill.get('restart', {}).get('p50_ms'))} ms, max {_fmt(kill.get('restart', {}).get('max_ms'))} ms."]
@@ -572,9 +573,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                   f"{mal.get('no_answer', 0)}; gallery unchanged: {_fmt(mal.get('gallery_unchanged'))}."]
         bad = [c for c in mal.get("results", []) if not c["ok"]]
         if bad:
-            lines += ["", "| case | status | answer |", "|---|---|---|"]
-            for c in bad:
-                lines.append(f"| {_cell(c['name'])} | {c['status']} | {_cell(str(c.get('body', ''))[:80])} |")
+            lines += ["", *_table(["case", "status", "answer"],
+                                  ([_cell(c["name"]), c["status"], _cell(str(c.get("body", ""))[:80])] for c in bad))]
     load = phases.get("load")
     if load and "levels" in load:
         lines += ["", "## Load (searches with concurrent writes)", "",
@@ -582,13 +582,12 @@ def render_markdown(result: dict[str, Any]) -> str:
                   f"`{load.get('factory')}`), queries of v2 (v1 reached through the affine edge), k=10, one query per "
                   f"request; one writer adding {load.get('write_batch')} items {load.get('write_rate')} times a second; "
                   f"{load.get('seconds')} s per level. Gallery load {_fmt(load.get('setup_s'))} s.", "",
-                  "| clients | searches/s | × 1 client | search p50 ms | search p99 ms | writes | write p50 ms | "
-                  "write p99 ms | 5xx | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for lv in load.get("levels", []):
-            lines.append(f"| {lv['clients']} | {_fmt(lv.get('search_qps'))} | {_fmt(lv.get('throughput_ratio'), 2)} | "
-                         f"{_fmt(lv['search']['p50_ms'])} | {_fmt(lv['search']['p99_ms'])} | {lv['write']['n']} | "
-                         f"{_fmt(lv['write']['p50_ms'])} | {_fmt(lv['write']['p99_ms'])} | {lv['server_errors_5xx']} | "
-                         f"{lv['transport_errors']} |")
+                  *_table(["clients", "searches/s", "× 1 client", "search p50 ms", "search p99 ms", "writes",
+                           "write p50 ms", "write p99 ms", "5xx", "errors"],
+                          ([lv["clients"], _fmt(lv.get("search_qps")), _fmt(lv.get("throughput_ratio"), 2),
+                            _fmt(lv["search"]["p50_ms"]), _fmt(lv["search"]["p99_ms"]), lv["write"]["n"],
+                            _fmt(lv["write"]["p50_ms"]), _fmt(lv["write"]["p99_ms"]), lv["server_errors_5xx"],
+                            lv["transport_errors"]] for lv in load.get("levels", [])))]
         if load.get("skipped_levels"):
             lines.append(f"\nNot measured (deadline): {load['skipped_levels']} clients.")
     return "\n".join(lines) + "\n"
