@@ -1545,30 +1545,32 @@ def _load_level(url: str, api_key: str, clients: int, seconds: float, queries: l
             if len(examples) < 5:
                 examples.append(text[:300])
 
+    def timed_post(c: Any, path: str, content: bytes, lat: list[float], what: str) -> None:
+        """POST once; its latency joins ``lat`` when answered 200, anything else is noted."""
+        t0 = time.perf_counter()
+        try:
+            r = c.post(path, content=content)
+        except httpx.HTTPError as exc:
+            note(None, f"{what}: {type(exc).__name__}: {exc}")
+            return
+        if r.status_code == 200:
+            lat.append(time.perf_counter() - t0)
+        else:
+            note(r.status_code, f"{what} HTTP {r.status_code}: {r.text}")
+
     def searcher(n: int) -> None:
         rng = random.Random(seed * 1000 + n)
         lat: list[float] = []
-        with httpx.Client(base_url=url, timeout=30) as c:
+        with httpx.Client(base_url=url, timeout=30, headers=hdr) as c:
             try:
-                c.post(f"/collections/{COLLECTION}/search", content=queries[0], headers=hdr)  # connect
+                c.post(f"/collections/{COLLECTION}/search", content=queries[0])  # connect
             except httpx.HTTPError:
                 pass
             barrier.wait()
             go.wait()
             end = window["end"]
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    break
-                try:
-                    r = c.post(f"/collections/{COLLECTION}/search", content=rng.choice(queries), headers=hdr)
-                except httpx.HTTPError as exc:
-                    note(None, f"search: {type(exc).__name__}: {exc}")
-                    continue
-                if r.status_code == 200:
-                    lat.append(time.perf_counter() - t0)
-                else:
-                    note(r.status_code, f"search HTTP {r.status_code}: {r.text}")
+            while time.perf_counter() < end:
+                timed_post(c, f"/collections/{COLLECTION}/search", rng.choice(queries), lat, "search")
         with lock:
             search_lat.extend(lat)
 
@@ -1593,16 +1595,7 @@ def _load_level(url: str, api_key: str, clients: int, seconds: float, queries: l
                 next_id[0] += write_batch
                 body = json.dumps({"version": "v2", "ids": ids,
                                    "vectors": rng.normal(size=(write_batch, dim)).round(5).tolist()}).encode()
-                t0 = time.perf_counter()
-                try:
-                    r = c.post(f"/collections/{COLLECTION}/points", content=body)
-                except httpx.HTTPError as exc:
-                    note(None, f"write: {type(exc).__name__}: {exc}")
-                    continue
-                if r.status_code == 200:
-                    write_lat.append(time.perf_counter() - t0)
-                else:
-                    note(r.status_code, f"write HTTP {r.status_code}: {r.text}")
+                timed_post(c, f"/collections/{COLLECTION}/points", body, write_lat, "write")
 
     threads = [threading.Thread(target=searcher, args=(n,), daemon=True) for n in range(clients)]
     threads.append(threading.Thread(target=writer, daemon=True))
