@@ -496,6 +496,87 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
 
 
+_RENDERED_WHEN = {"kill": "kills", "schemathesis": "command", "malformed": "results", "load": "levels"}
+"""The key a phase's result holds when it measured something to report (a skipped phase holds a reason only)."""
+
+
+def _render_kill(kill: dict[str, Any]) -> list[str]:
+    """The kill phase: kills, acknowledged writes and what the checks found, per write kind."""
+    lines = ["", "## Kill (SIGKILL during writes)", "",
+              f"{kill['kills']} SIGKILLs of `compatembed-index serve` (data dir on local disk), each followed by a "
+              f"restart and a check of every acknowledged write against the fsynced log; then a clean stop "
+              f"(SIGTERM) and a last restart check ({_fmt(kill.get('clean_restart_checked'))}).", "",
+              *_table(["kills", "acknowledged writes", "ids checked", "lost", "duplicated", "torn", "5xx",
+                       "unexpected 4xx"],
+                      [[kill["kills"], kill["acknowledged"], kill.get("ids_checked"), kill["lost"], kill["duplicated"],
+                        kill["torn"], kill["server_errors_5xx"], kill.get("unexpected_4xx", 0)]]), "",
+              *_table(["write kind", "sent", "acknowledged", "in flight at a kill", "p50 ms", "p99 ms"],
+                      ([kind, k.get("sent", 0), k.get("acknowledged", 0), k.get("killed_in_flight", 0),
+                        _fmt(k.get("latency", {}).get("p50_ms")), _fmt(k.get("latency", {}).get("p99_ms"))]
+                       for kind in WRITE_KINDS if (k := kill["by_kind"].get(kind, {})) is not None))]
+    lines += ["", f"Kills between two requests: {kill.get('killed_between', 0)}. Outcome of the write in flight "
+              f"at each kill: {kill.get('pending_outcomes', {})}. Restart to ready: "
+              f"p50 {_fmt(kill.get('restart', {}).get('p50_ms'))} ms, max {_fmt(kill.get('restart', {}).get('max_ms'))} ms."]
+    for ex in kill.get("examples", [])[:10]:
+        lines.append(f"- {ex}")
+    return lines
+
+
+def _render_schemathesis(st: dict[str, Any]) -> list[str]:
+    """The schemathesis phase: its command, counts, the statuses the server counted, failures."""
+    lines = ["", "## Schemathesis (live /openapi.json)", "",
+              f"`{st.get('command')}`", "",
+              f"Exit code {st.get('exit_code')}; operations {_fmt(st.get('operations'))}, test cases "
+              f"{_fmt(st.get('cases'))}, failures {_fmt(st.get('failures'))}, 5xx seen by the server "
+              f"{st.get('server_errors_5xx')}, unhandled errors in the server log {st.get('unhandled_in_log')}."]
+    classes: dict[str, int] = {}
+    for route, statuses in (st.get("server_statuses_by_route") or {}).items():
+        for code, n in statuses.items():
+            if route != "GET /ready":  # the campaign's own readiness probes
+                classes[code[:1] + "xx"] = classes.get(code[:1] + "xx", 0) + n
+    if classes:
+        lines += ["", "Answers counted by the server's /metrics (readiness probes aside): "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + "."]
+    if st.get("warnings"):
+        lines += ["", "Schemathesis warnings: " + "; ".join(f"{k}: {len(v) if isinstance(v, list) else v}"
+                                                      for k, v in st["warnings"].items()) + "."]
+    for ex in st.get("failure_examples", [])[:10]:
+        lines.append(f"- {ex}")
+    return lines
+
+
+def _render_malformed(mal: dict[str, Any]) -> list[str]:
+    """The malformed-request sweep: counts, and every case not answered as it should be."""
+    lines = ["", "## Malformed-request sweep", "",
+              f"{mal['cases']} requests: {mal['ok']} answered 4xx with the JSON error body, 5xx {mal['server_errors_5xx']}, "
+              f"non-JSON answers {mal['non_json']} (of them at the HTTP framing level, before the app: "
+              f"{mal.get('non_json_protocol', 0)}), accepted (2xx) {mal.get('accepted', 0)}, no answer "
+              f"{mal.get('no_answer', 0)}; gallery unchanged: {_fmt(mal.get('gallery_unchanged'))}."]
+    bad = [c for c in mal.get("results", []) if not c["ok"]]
+    if bad:
+        lines += ["", *_table(["case", "status", "answer"],
+                              ([_cell(c["name"]), c["status"], _cell(str(c.get("body", ""))[:80])] for c in bad))]
+    return lines
+
+
+def _render_load(load: dict[str, Any]) -> list[str]:
+    """The load phase: throughput and latencies of searches and writes at each client count."""
+    lines = ["", "## Load (searches with concurrent writes)", "",
+              f"Gallery {load.get('gallery')} items × {load.get('dim')} dims (half v1, half v2, factory "
+              f"`{load.get('factory')}`), queries of v2 (v1 reached through the affine edge), k=10, one query per "
+              f"request; one writer adding {load.get('write_batch')} items {load.get('write_rate')} times a second; "
+              f"{load.get('seconds')} s per level. Gallery load {_fmt(load.get('setup_s'))} s.", "",
+              *_table(["clients", "searches/s", "× 1 client", "search p50 ms", "search p99 ms", "writes",
+                       "write p50 ms", "write p99 ms", "5xx", "errors"],
+                      ([lv["clients"], _fmt(lv.get("search_qps")), _fmt(lv.get("throughput_ratio"), 2),
+                        _fmt(lv["search"]["p50_ms"]), _fmt(lv["search"]["p99_ms"]), lv["write"]["n"],
+                        _fmt(lv["write"]["p50_ms"]), _fmt(lv["write"]["p99_ms"]), lv["server_errors_5xx"],
+                        lv["transport_errors"]] for lv in load.get("levels", [])))]
+    if load.get("skipped_levels"):
+        lines.append(f"\nNot measured (deadline): {load['skipped_levels']} clients.")
+    return lines
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """The report as markdown: command, machine, targets, then one section per phase (skipped ones say why)."""
     m = result.get("machine", {})
@@ -525,71 +606,11 @@ def render_markdown(result: dict[str, Any]) -> str:
                          "received: look at its log)")
         for ex in d.get("unhandled_examples") or []:
             lines.append(f"- {ph}: unhandled error in the server log: `{_cell(ex)[:300]}`")
-    kill = phases.get("kill")
-    if kill and "kills" in kill:
-        lines += ["", "## Kill (SIGKILL during writes)", "",
-                  f"{kill['kills']} SIGKILLs of `compatembed-index serve` (data dir on local disk), each followed by a "
-                  f"restart and a check of every acknowledged write against the fsynced log; then a clean stop "
-                  f"(SIGTERM) and a last restart check ({_fmt(kill.get('clean_restart_checked'))}).", "",
-                  *_table(["kills", "acknowledged writes", "ids checked", "lost", "duplicated", "torn", "5xx",
-                           "unexpected 4xx"],
-                          [[kill["kills"], kill["acknowledged"], kill.get("ids_checked"), kill["lost"], kill["duplicated"],
-                            kill["torn"], kill["server_errors_5xx"], kill.get("unexpected_4xx", 0)]]), "",
-                  *_table(["write kind", "sent", "acknowledged", "in flight at a kill", "p50 ms", "p99 ms"],
-                          ([kind, k.get("sent", 0), k.get("acknowledged", 0), k.get("killed_in_flight", 0),
-                            _fmt(k.get("latency", {}).get("p50_ms")), _fmt(k.get("latency", {}).get("p99_ms"))]
-                           for kind in WRITE_KINDS if (k := kill["by_kind"].get(kind, {})) is not None))]
-        lines += ["", f"Kills between two requests: {kill.get('killed_between', 0)}. Outcome of the write in flight "
-                  f"at each kill: {kill.get('pending_outcomes', {})}. Restart to ready: "
-                  f"p50 {_fmt(kill.get('restart', {}).get('p50_ms'))} ms, max {_fmt(kill.get('restart', {}).get('max_ms'))} ms."]
-        for ex in kill.get("examples", [])[:10]:
-            lines.append(f"- {ex}")
-    st = phases.get("schemathesis")
-    if st and "command" in st:
-        lines += ["", "## Schemathesis (live /openapi.json)", "",
-                  f"`{st.get('command')}`", "",
-                  f"Exit code {st.get('exit_code')}; operations {_fmt(st.get('operations'))}, test cases "
-                  f"{_fmt(st.get('cases'))}, failures {_fmt(st.get('failures'))}, 5xx seen by the server "
-                  f"{st.get('server_errors_5xx')}, unhandled errors in the server log {st.get('unhandled_in_log')}."]
-        classes: dict[str, int] = {}
-        for route, statuses in (st.get("server_statuses_by_route") or {}).items():
-            for code, n in statuses.items():
-                if route != "GET /ready":  # the campaign's own readiness probes
-                    classes[code[:1] + "xx"] = classes.get(code[:1] + "xx", 0) + n
-        if classes:
-            lines += ["", "Answers counted by the server's /metrics (readiness probes aside): "
-                      + ", ".join(f"{k} {v}" for k, v in sorted(classes.items())) + "."]
-        if st.get("warnings"):
-            lines += ["", "Schemathesis warnings: " + "; ".join(f"{k}: {len(v) if isinstance(v, list) else v}"
-                                                          for k, v in st["warnings"].items()) + "."]
-        for ex in st.get("failure_examples", [])[:10]:
-            lines.append(f"- {ex}")
-    mal = phases.get("malformed")
-    if mal and "results" in mal:
-        lines += ["", "## Malformed-request sweep", "",
-                  f"{mal['cases']} requests: {mal['ok']} answered 4xx with the JSON error body, 5xx {mal['server_errors_5xx']}, "
-                  f"non-JSON answers {mal['non_json']} (of them at the HTTP framing level, before the app: "
-                  f"{mal.get('non_json_protocol', 0)}), accepted (2xx) {mal.get('accepted', 0)}, no answer "
-                  f"{mal.get('no_answer', 0)}; gallery unchanged: {_fmt(mal.get('gallery_unchanged'))}."]
-        bad = [c for c in mal.get("results", []) if not c["ok"]]
-        if bad:
-            lines += ["", *_table(["case", "status", "answer"],
-                                  ([_cell(c["name"]), c["status"], _cell(str(c.get("body", ""))[:80])] for c in bad))]
-    load = phases.get("load")
-    if load and "levels" in load:
-        lines += ["", "## Load (searches with concurrent writes)", "",
-                  f"Gallery {load.get('gallery')} items × {load.get('dim')} dims (half v1, half v2, factory "
-                  f"`{load.get('factory')}`), queries of v2 (v1 reached through the affine edge), k=10, one query per "
-                  f"request; one writer adding {load.get('write_batch')} items {load.get('write_rate')} times a second; "
-                  f"{load.get('seconds')} s per level. Gallery load {_fmt(load.get('setup_s'))} s.", "",
-                  *_table(["clients", "searches/s", "× 1 client", "search p50 ms", "search p99 ms", "writes",
-                           "write p50 ms", "write p99 ms", "5xx", "errors"],
-                          ([lv["clients"], _fmt(lv.get("search_qps")), _fmt(lv.get("throughput_ratio"), 2),
-                            _fmt(lv["search"]["p50_ms"]), _fmt(lv["search"]["p99_ms"]), lv["write"]["n"],
-                            _fmt(lv["write"]["p50_ms"]), _fmt(lv["write"]["p99_ms"]), lv["server_errors_5xx"],
-                            lv["transport_errors"]] for lv in load.get("levels", [])))]
-        if load.get("skipped_levels"):
-            lines.append(f"\nNot measured (deadline): {load['skipped_levels']} clients.")
+    for name, render in (("kill", _render_kill), ("schemathesis", _render_schemathesis),
+                         ("malformed", _render_malformed), ("load", _render_load)):
+        data = phases.get(name)
+        if data and _RENDERED_WHEN[name] in data:
+            lines += render(data)
     return "\n".join(lines) + "\n"
 
 
