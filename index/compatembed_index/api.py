@@ -242,6 +242,14 @@ class IndexService:
                 self.store.put_version(version.version_id, version.manifest, version.files)
         return _describe(self.registry.get(version.version_id))
 
+    def import_version(self, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        """Register a version from its manifest and files (as a catalog holds them): copies between services."""
+        version = parse_version(manifest, files)
+        with self._lock.write():
+            if self.registry.register(version):
+                self.store.put_version(version.version_id, version.manifest, version.files)
+        return _describe(self.registry.get(version.version_id))
+
     def versions(self) -> list[dict[str, Any]]:
         """Registered versions with their dimension, normalisation and edges."""
         self._refresh()

@@ -180,3 +180,40 @@ def test_bad_backend_settings_are_refused_by_name(chain, tmp_path):
         svc.upgrade("h", "v3", [2], np.ones((1, Chain.D3), np.float32))
     assert svc.search("h", "v1", np.ones((1, Chain.D1)), k=1).ids[0, 0] == 1
     svc.close()
+
+
+def test_cli_exports_to_milvus_and_back_with_the_same_answers(chain, tmp_path, capsys):
+    import json
+
+    from compatembed_index.cli import _settings, build_parser, main
+
+    milvus_service(tmp_path).close()  # skips when the Milvus extra is missing
+    data = _data()
+    local = _register(IndexService(tmp_path / "faiss"), chain)
+    _fill(local, data)
+    local.materialise("g", "v1", "v3")
+    local.close()
+    uri = str(tmp_path / "export.db")
+    assert main(["--data-dir", str(tmp_path / "faiss"), "export", "g", "--to-milvus", uri, "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"] == {v: n for v, (n, _) in SIZES.items()}
+    assert main(["--data-dir", str(tmp_path / "back"), "export", "g", "--from-milvus", uri, "--as", "h",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    q = np.random.default_rng(4).normal(size=(3, Chain.D3)).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    answers = []
+    for args in (["--data-dir", str(tmp_path / "faiss"), "search", "g"],
+                 ["--backend", "milvus", "--milvus-uri", uri, "search", "g"],
+                 ["--data-dir", str(tmp_path / "back"), "search", "h"]):
+        assert main([*args, "--version", "v3", "--queries", str(tmp_path / "q.npy"), "-k", "5"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        answers.append(([[h["id"] for h in r] for r in out["results"]], out["routes"]))
+    assert answers[0] == answers[1] == answers[2] and answers[0][1]["v1"] == "copy:v1>v3"
+    # a second export into the same name is refused, and serve takes the backend flags
+    assert main(["--data-dir", str(tmp_path / "faiss"), "export", "g", "--to-milvus", uri, "--no-progress"]) == 2
+    assert "already used" in capsys.readouterr().err
+    s = _settings(build_parser().parse_args(["serve", "--backend", "milvus", "--milvus-uri", uri]))
+    assert (s.backend, s.milvus_uri) == ("milvus", uri)
+    with pytest.raises(Exception, match="needs milvus_uri"):
+        _settings(build_parser().parse_args(["serve", "--backend", "milvus"]))
