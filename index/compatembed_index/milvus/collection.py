@@ -31,6 +31,8 @@ from compatembed_index.validation import as_ids
 
 _logger = logging.getLogger(__name__)
 
+MAX_TOPK = 16_384
+"""Milvus servers cap a search's top-k here."""
 MAX_PASSES = 4
 """Search passes tried before a pass slower than the move grace is served anyway (it is logged)."""
 
@@ -68,22 +70,23 @@ class MilvusCollection(RoutedCollection):
         kind, build, _ = self._index(key[-1])
         self.spaces.ensure(key, v.dim, v.metric, (kind, build))
 
-    def _view(self, key: tuple[str, ...]) -> MilvusSpace:
-        v = self.registry.get(key[-1])
-        return MilvusSpace(self.client, self.spaces.name(key), v.dim, v.metric, self.spaces.count(key),
-                           self._index(key[-1])[2])
-
     def _views(self) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
+        """Non-empty segments and wanted copies. A view's ``ntotal`` is :data:`MAX_TOPK`, not its count, so
+        the merge asks each segment for the full k: items may move into a segment while the pass runs,
+        and on milvus-lite ``count(*)`` read during a concurrent upsert came out low, so a search limited
+        to the count read at plan time missed items (seen in the backfill test)."""
         wanted = {tuple(p) for p in self.config.materialised}
+        found = [(key, self.spaces.count(key)) for key in self.spaces.keys() if key[-1] in self.registry]
         segments: dict[str, Searchable] = {}
         copies: dict[tuple[str, str], Searchable] = {}
-        for key in self.spaces.keys():
-            if key[-1] not in self.registry:
-                continue  # a version this replica has not loaded yet
-            if len(key) == 1:
-                segments[key[0]] = self._view(key)
-            elif key in wanted:
-                copies[(key[0], key[1])] = self._view(key)
+        for key, n in found:
+            v = self.registry.get(key[-1])
+            view = MilvusSpace(self.client, self.spaces.name(key), v.dim, v.metric, MAX_TOPK,
+                               self._index(key[-1])[2])
+            if len(key) == 1 and n > 0:
+                segments[key[0]] = view
+            elif len(key) == 2 and key in wanted:
+                copies[(key[0], key[1])] = view
         return segments, copies
 
     def _forward_copies(self, version: str, x: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
@@ -100,14 +103,14 @@ class MilvusCollection(RoutedCollection):
         for attempt in range(MAX_PASSES):
             t0 = time.monotonic()
             plans, skipped = self._plan(version, allow_partial)
-            total = sum(p.segment.ntotal for p in plans)
             depth = k
             while True:
                 scores, ids, cols = search_plans(plans, q, depth)
+                full = bool((ids[:, -1] >= 0).any())  # some row filled every slot: there may be more
                 scores, ids, cols, lost = drop_duplicate_ids(scores, ids, cols, k)
-                if not lost or depth >= total:
+                if not lost or not full or depth >= MAX_TOPK:
                     break
-                depth = min(2 * depth, total)  # a move in flight took slots: search deeper
+                depth = min(2 * depth, MAX_TOPK)  # a move in flight took slots: search deeper
             took = time.monotonic() - t0
             if took <= self.spaces.move_grace_s:
                 break
