@@ -73,8 +73,8 @@ class MilvusCollection(RoutedCollection):
     def _views(self) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
         """Non-empty segments and wanted copies. A view's ``ntotal`` is :data:`MAX_TOPK`, not its count, so
         the merge asks each segment for the full k: items may move into a segment while the pass runs,
-        and on milvus-lite ``count(*)`` read during a concurrent upsert came out low, so a search limited
-        to the count read at plan time missed items (seen in the backfill test)."""
+        and on milvus-lite a search limited to the counts read at plan time missed moved items during a
+        backfill (seen in the backfill test; a count read mid-upsert is the suspect, not yet isolated)."""
         wanted = {tuple(p) for p in self.config.materialised}
         found = [(key, self.spaces.count(key)) for key in self.spaces.keys() if key[-1] in self.registry]
         segments: dict[str, Searchable] = {}
