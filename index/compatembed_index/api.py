@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from compatembed_index.collection import Collection, CollectionConfig, SearchResult
 from compatembed_index.errors import (
     CollectionNotFoundError,
+    ConfigError,
     ConflictError,
     DataDirLockedError,
     InvalidInputError,
@@ -33,10 +35,14 @@ from compatembed_index.errors import (
 from compatembed_index.factory import check_factory, check_search_params
 from compatembed_index.limits import Limits
 from compatembed_index.registry import ModelVersion, VersionRegistry, parse_version, read_version_dir
+from compatembed_index.routing import RoutedCollection
 from compatembed_index.rwlock import RWLock
 from compatembed_index.segment import Segment
-from compatembed_index.store import SQLiteStore, Store
+from compatembed_index.store import Catalog, SQLiteStore, Store
 from compatembed_index.validation import check_name
+
+BACKENDS = ("faiss", "milvus")
+"""Where a gallery's vectors live: FAISS segments over SQLite in ``data_dir``, or Milvus at ``milvus_uri``."""
 
 _logger = logging.getLogger(__name__)
 
@@ -83,6 +89,14 @@ class IndexService:
         limits: factory, metadata, result and response limits (:class:`Limits`; its defaults otherwise).
         batch_searches: run concurrent searches of a collection with the same query version and options
             as one FAISS call (:mod:`~compatembed_index.batching`).
+        backend: ``faiss`` (FAISS segments and the SQLite store in ``data_dir``, one process) or
+            ``milvus`` (everything in Milvus at ``milvus_uri``; ``data_dir`` is not used, and any number
+            of service replicas may serve the same Milvus).
+        milvus_uri: ``./gallery.db`` (milvus-lite, in process) or ``http://host:19530``.
+        milvus_prefix: prefix of the Milvus collections this service owns (one namespace per deployment).
+        move_grace_s: Milvus: wait between a moved item's insert and its delete (see
+            :mod:`compatembed_index.milvus.spaces`).
+        catalog_ttl_s: Milvus: how often a replica re-reads versions, collections and aliases.
     """
 
     def __init__(
@@ -93,25 +107,44 @@ class IndexService:
         max_batch: int = 100_000,
         mmap: bool = False,
         keep_snapshots: int = 2,
-        store: Store | None = None,
+        store: Catalog | None = None,
         limits: Limits | None = None,
         batch_searches: bool = True,
+        backend: str = "faiss",
+        milvus_uri: str | None = None,
+        milvus_prefix: str = "ce_",
+        move_grace_s: float = 0.5,
+        catalog_ttl_s: float = 1.0,
     ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "milvus" and not milvus_uri:
+            raise ConfigError("the milvus backend needs a Milvus URI (./gallery.db or http://host:19530)")
+        self.backend = backend
         self.batch_searches = batch_searches
-        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.data_dir = Path(data_dir) if data_dir is not None and backend == "faiss" else None
         self.max_k, self.max_batch, self.mmap, self.keep_snapshots = max_k, max_batch, mmap, keep_snapshots
         self.limits = limits or Limits()
+        self.milvus_prefix, self.move_grace_s, self.catalog_ttl_s = milvus_prefix, move_grace_s, catalog_ttl_s
+        self._milvus: Any = None
         self._dirlock: _DirLock | None = None
         if self.data_dir is not None:
             self.data_dir.mkdir(parents=True, exist_ok=True)
             self._dirlock = _DirLock(self.data_dir / "LOCK")
         try:
-            if store is None:
+            if store is None and backend == "milvus":
+                from compatembed_index.milvus import connect
+                from compatembed_index.milvus.catalog import MilvusCatalog
+
+                self._milvus = connect(milvus_uri)  # type: ignore[arg-type]
+                store = MilvusCatalog(self._milvus, prefix=milvus_prefix)
+            elif store is None:
                 store = SQLiteStore(self.data_dir / "index.sqlite3" if self.data_dir else ":memory:")
             self.store = store
+            self._refreshed = time.monotonic()
             self.registry = VersionRegistry()
             self._lock = RWLock()
-            self._collections: dict[str, Collection] = {}
+            self._collections: dict[str, RoutedCollection] = {}
             self._aliases: dict[str, str] = {}
             self._ready = threading.Event()
             self._load()
@@ -145,12 +178,52 @@ class IndexService:
         self._aliases = self.store.aliases()
         self._ready.set()
 
-    def _make_collection(self, name: str, config: CollectionConfig) -> Collection:
+    def _refresh(self, *, force: bool = False) -> None:
+        """Milvus: pick up versions, collections, configs and aliases that other replicas wrote."""
+        if self.backend != "milvus" or (not force and time.monotonic() - self._refreshed < self.catalog_ttl_s):
+            return
+        self._refreshed = time.monotonic()
+        for manifest, files in self.store.versions():
+            if manifest.get("version_id") not in self.registry:
+                self.registry.register(parse_version(manifest, files), check_edges=False)
+        configs = self.store.collections()
+        with self._lock.write():
+            for name, raw in sorted(configs.items()):
+                if name in self._collections:
+                    self._collections[name].config = CollectionConfig.from_dict(raw)
+                else:
+                    coll = self._make_collection(name, CollectionConfig.from_dict(raw))
+                    coll.load()
+                    self._collections[name] = coll
+            for name in [n for n in self._collections if n not in configs]:
+                self._collections.pop(name).dropped = True
+            self._aliases = self.store.aliases()
+
+    def _make_collection(self, name: str, config: CollectionConfig) -> RoutedCollection:
+        if self.backend == "milvus":
+            from compatembed_index.milvus.collection import MilvusCollection
+
+            return MilvusCollection(name, config, self.registry, self.store, client=self._milvus,
+                                    prefix=self.milvus_prefix, move_grace_s=self.move_grace_s, max_k=self.max_k,
+                                    max_batch=self.max_batch, limits=self.limits,
+                                    batch_searches=self.batch_searches)
+        assert isinstance(self.store, Store)
         return Collection(name, config, self.registry, self.store, snapshot_root=self.snapshot_root,
                           max_k=self.max_k, max_batch=self.max_batch, mmap=self.mmap,
                           keep_snapshots=self.keep_snapshots, limits=self.limits, batch_searches=self.batch_searches)
 
     # -- versions ---------------------------------------------------------------------------------
+    def repair(self, collection: str) -> int:
+        """Milvus: finish moves that a dead writer left half done; returns how many stale rows were deleted.
+
+        Raises:
+            ConfigError: the FAISS backend (its moves are one transaction; nothing to repair).
+        """
+        coll = self.collection(collection)
+        if not hasattr(coll, "repair"):
+            raise ConfigError("repair is for the Milvus backend: FAISS/SQLite moves are one transaction")
+        return int(coll.repair())
+
     def register_version(self, path: str | Path) -> dict[str, Any]:
         """Register the model version directory at ``path`` (checksums verified; idempotent).
 
@@ -169,8 +242,17 @@ class IndexService:
                 self.store.put_version(version.version_id, version.manifest, version.files)
         return _describe(self.registry.get(version.version_id))
 
+    def import_version(self, manifest: dict[str, Any], files: dict[str, bytes]) -> dict[str, Any]:
+        """Register a version from its manifest and files (as a catalog holds them): copies between services."""
+        version = parse_version(manifest, files)
+        with self._lock.write():
+            if self.registry.register(version):
+                self.store.put_version(version.version_id, version.manifest, version.files)
+        return _describe(self.registry.get(version.version_id))
+
     def versions(self) -> list[dict[str, Any]]:
         """Registered versions with their dimension, normalisation and edges."""
+        self._refresh()
         return [_describe(v) for v in self.registry.list()]
 
     def route(self, query_version: str, segment_version: str) -> list[str] | None:
@@ -192,6 +274,15 @@ class IndexService:
         config = CollectionConfig.from_dict(options)
         if config.materialised or config.calibration:
             raise InvalidInputError("materialised copies and calibration are set after creation")
+        if self.backend == "milvus":
+            self._refresh(force=True)
+            with self._lock.write():
+                if name in self._collections or name in self._aliases:
+                    raise ConflictError(f"name {name!r} is already used by a collection or alias")
+                coll = self._make_collection(name, config)  # refuses a factory Milvus cannot build
+                self.store.create_collection(name, config.to_dict())
+                self._collections[name] = coll
+            return coll.stats()
         # Parse and bound every factory string before FAISS builds anything (it allocates as it parses),
         # with the memory estimate at the dimension of each registered version that would use it; a
         # version registered later is checked at its first write.
@@ -232,16 +323,23 @@ class IndexService:
             with coll.lock.write():
                 coll.dropped = True
                 self.store.drop_collection(name)
+                if self.backend == "milvus":
+                    coll.drop()  # type: ignore[attr-defined]
             del self._collections[name]
             self._aliases = {a: c for a, c in self._aliases.items() if c != name}
             if self.snapshot_root is not None:
                 shutil.rmtree(self.snapshot_root / name, ignore_errors=True)
 
-    def collection(self, name: str) -> Collection:
+    def collection(self, name: str) -> RoutedCollection:
         """The collection called ``name`` or pointed at by alias ``name``."""
+        self._refresh()
         with self._lock.read():
             target = self._aliases.get(name, name)
             coll = self._collections.get(target)
+        if coll is None and self.backend == "milvus":  # made by another replica since the last refresh?
+            self._refresh(force=True)
+            with self._lock.read():
+                coll = self._collections.get(self._aliases.get(name, name))
         if coll is None:
             raise CollectionNotFoundError(
                 f"no collection or alias named {name!r} (collections: {sorted(self._collections) or 'none'})"
@@ -250,6 +348,7 @@ class IndexService:
 
     def list_collections(self) -> list[str]:
         """Collection names."""
+        self._refresh()
         with self._lock.read():
             return sorted(self._collections)
 
@@ -275,6 +374,7 @@ class IndexService:
 
     def aliases(self) -> dict[str, str]:
         """Alias → collection."""
+        self._refresh()
         with self._lock.read():
             return dict(self._aliases)
 
@@ -347,7 +447,7 @@ class IndexService:
         """Stats of one collection, or of the service (versions, collections, aliases)."""
         if collection is not None:
             return self.collection(collection).stats()
-        return {"versions": self.versions(), "aliases": self.aliases(),
+        return {"backend": self.backend, "versions": self.versions(), "aliases": self.aliases(),
                 "collections": {n: self.collection(n).stats() for n in self.list_collections()},
                 "last_seq": self.store.last_seq(), "data_dir": str(self.data_dir) if self.data_dir else None}
 
@@ -358,6 +458,9 @@ class IndexService:
                 self.snapshot()
         finally:
             self.store.close()
+            if self._milvus is not None:
+                self._milvus.close()
+                self._milvus = None
             if self._dirlock:
                 self._dirlock.release()
                 self._dirlock = None

@@ -14,6 +14,9 @@ Examples::
     compatembed-index --data-dir gallery search photos --version v2 --queries q.npy -k 10
     compatembed-index --data-dir gallery locate photos --ids ids.npy
     compatembed-index --data-dir gallery serve --port 8080 --api-key "$KEY"
+    compatembed-index serve --backend milvus --milvus-uri ./gallery.db          # milvus-lite, embedded
+    compatembed-index --backend milvus --milvus-uri http://host:19530 search photos --version v2 --queries q.npy
+    compatembed-index --data-dir gallery export photos --to-milvus ./gallery.db  # and --from-milvus URI back
 """
 
 from __future__ import annotations
@@ -85,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data-dir", default=os.environ.get("COMPATEMBED_INDEX_DATA_DIR"),
                    help="store + snapshots directory (default: $COMPATEMBED_INDEX_DATA_DIR)")
+    p.add_argument("--backend", choices=("faiss", "milvus"), default=None,
+                   help="faiss (FAISS + SQLite in --data-dir, the default) or milvus (Milvus at --milvus-uri)")
+    p.add_argument("--milvus-uri", default=None,
+                   help="./gallery.db (milvus-lite, embedded) or http://host:19530 (Milvus standalone or cluster)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -155,7 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("alias")
     s.add_argument("collection")
 
+    s = sub.add_parser("export", help="copy a collection from the FAISS data directory into Milvus, or back")
+    s.add_argument("name", help="collection to copy")
+    way = s.add_mutually_exclusive_group(required=True)
+    way.add_argument("--to-milvus", metavar="URI", help="copy --data-dir's collection into Milvus at URI")
+    way.add_argument("--from-milvus", metavar="URI", help="copy the collection in Milvus at URI into --data-dir")
+    s.add_argument("--as", dest="target", default=None, help="name of the copy (default: the same name)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    s = sub.add_parser("repair", help="Milvus: finish moves that a dead writer left half done")
+    s.add_argument("name", help="collection or alias")
+
     s = sub.add_parser("serve", help="serve the HTTP API (binds 127.0.0.1 unless --host says otherwise)")
+    s.add_argument("--backend", choices=("faiss", "milvus"), default=argparse.SUPPRESS,
+                   help="faiss (default) or milvus")
+    s.add_argument("--milvus-uri", default=argparse.SUPPRESS, help="./gallery.db or http://host:19530")
     s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="TCP port (default 8080)")
     s.add_argument("--api-key", default=None,
@@ -190,7 +211,8 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides: dict[str, Any] = {}
     if args.data_dir:
         overrides["data_dir"] = Path(args.data_dir)
-    for key in ("host", "port", "api_key", "max_body_bytes", "max_k", "max_result_slots", "body_timeout_seconds",
+    for key in ("backend", "milvus_uri",
+                "host", "port", "api_key", "max_body_bytes", "max_k", "max_result_slots", "body_timeout_seconds",
                 "keep_alive_seconds", "read_threads", "write_threads", "image_root", "report_dir"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
@@ -227,7 +249,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     check_bind(settings)
-    if settings.data_dir is None:
+    if settings.data_dir is None and settings.backend == "faiss":
         _logger.warning("no --data-dir: serving an in-memory index (nothing survives a restart)")
     # keep-alive bounds idle connections; the app itself bounds the time to receive a body (408)
     server = uvicorn.Server(uvicorn_config(create_app(None, settings), settings))
@@ -241,15 +263,32 @@ def _run(args: argparse.Namespace) -> Any:
     from compatembed_index.api import IndexService
     from compatembed_index.limits import Limits
 
-    if not args.data_dir:
-        raise InvalidInputError("--data-dir (or COMPATEMBED_INDEX_DATA_DIR) is required")
     settings = _settings(args)
+    if settings.backend == "faiss" and not args.data_dir:
+        raise InvalidInputError("--data-dir (or COMPATEMBED_INDEX_DATA_DIR) is required")
     # local batch work: no per-request batch, result or response limits; factory and metadata limits hold,
     # since a server will later load what the CLI writes
     limits = dataclasses.replace(Limits.from_settings(settings), max_result_slots=None, max_response_bytes=None)
-    with IndexService(args.data_dir, max_k=settings.max_k, max_batch=10**9, mmap=settings.mmap,
-                      keep_snapshots=settings.keep_snapshots, limits=limits) as svc:
+
+    def open_service(backend: str, uri: str | None) -> IndexService:
+        return IndexService(args.data_dir, max_k=settings.max_k, max_batch=10**9, mmap=settings.mmap,
+                            keep_snapshots=settings.keep_snapshots, limits=limits, backend=backend,
+                            milvus_uri=uri, milvus_prefix=settings.milvus_prefix,
+                            move_grace_s=settings.move_grace_seconds)
+
+    if args.command == "export":
+        from compatembed_index.export import copy_collection
+
+        if not args.data_dir:
+            raise InvalidInputError("export copies between --data-dir (FAISS/SQLite) and Milvus: give --data-dir")
+        with open_service("faiss", None) as local, \
+                open_service("milvus", args.to_milvus or args.from_milvus) as remote:
+            src, dst = (local, remote) if args.to_milvus else (remote, local)
+            return copy_collection(src, dst, args.name, target=args.target, progress=not args.no_progress)
+    with open_service(settings.backend, settings.milvus_uri) as svc:
         c = args.command
+        if c == "repair":
+            return {"repaired": svc.repair(args.name)}
         if c == "register":
             return [svc.register_version(p)["version_id"] for p in args.paths]
         if c == "create":

@@ -9,20 +9,35 @@ served or ranked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from compatembed_index.errors import InvalidInputError
 from compatembed_index.registry import Route
-from compatembed_index.segment import Segment
 from compatembed_index.validation import check_norms
+
+
+class Searchable(Protocol):
+    """What routing needs of a segment on any backend (a FAISS :class:`~compatembed_index.segment.Segment`,
+    or one Milvus collection): its size, its metric, and a top-k search with higher-is-better scores."""
+
+    @property
+    def ntotal(self) -> int: ...
+
+    @property
+    def metric(self) -> str: ...
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, D) queries → (Q, k) float32 scores (−inf where no item) and (Q, k) int64 ids (−1)."""
+        ...
 
 
 @dataclass
 class SearchPlan:
     """How one segment is searched for a query version: the index, the query route, the score map."""
 
-    segment: Segment
+    segment: Searchable
     version: str
     route: Route | None
     how: str
@@ -30,6 +45,7 @@ class SearchPlan:
 
 
 def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search every plan with its (mapped) queries and merge: (Q, k) scores, ids and plan index per hit."""
     nq = len(q)
     if not plans:
         return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.int64))
@@ -73,3 +89,32 @@ def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int) -> tuple[np.nda
         i_top = np.pad(i_top, ((0, 0), (0, pad)), constant_values=-1)
         c_top = np.pad(c_top, ((0, 0), (0, pad)), constant_values=0)
     return d_top.astype(np.float32), i_top, c_top
+
+
+def drop_duplicate_ids(scores: np.ndarray, ids: np.ndarray, cols: np.ndarray,
+                       k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Keep each id's best-scored hit per row (rows are sorted by score), then the first ``k``.
+
+    A backend whose moves between segments are not atomic (Milvus: insert into the new segment, then
+    delete from the old one) can return one item from two segments while a move is in flight. Returns
+    the de-duplicated (Q, k) arrays, padded like :func:`search_plans`, and whether any row lost a hit
+    (the caller then searches deeper, so that no item beyond the duplicates is missed).
+    """
+    nq = len(ids)
+    d_out = np.full((nq, k), -np.inf, np.float32)
+    i_out = np.full((nq, k), -1, np.int64)
+    c_out = np.zeros((nq, k), np.int64)
+    lost = False
+    for r in range(nq):
+        seen: set[int] = set()
+        j = 0
+        for i, d, c in zip(ids[r].tolist(), scores[r].tolist(), cols[r].tolist()):
+            if i < 0 or j == k:
+                break
+            if i in seen:
+                lost = True
+                continue
+            seen.add(i)
+            d_out[r, j], i_out[r, j], c_out[r, j] = d, i, c
+            j += 1
+    return d_out, i_out, c_out, lost

@@ -433,7 +433,10 @@ def create_app(service: IndexService | None = None, settings: IndexSettings | No
             state["service"] = IndexService(settings.data_dir, max_k=settings.max_k, max_batch=settings.max_batch,
                                             mmap=settings.mmap, keep_snapshots=settings.keep_snapshots,
                                             limits=Limits.from_settings(settings),
-                                            batch_searches=settings.batch_searches)
+                                            batch_searches=settings.batch_searches, backend=settings.backend,
+                                            milvus_uri=settings.milvus_uri, milvus_prefix=settings.milvus_prefix,
+                                            move_grace_s=settings.move_grace_seconds,
+                                            catalog_ttl_s=settings.catalog_ttl_seconds)
         except Exception as exc:  # reported by /ready and every route
             _logger.exception("failed to open the index service")
             state["error"] = exc

@@ -55,6 +55,12 @@ class IndexSettings(BaseSettings):
             ``compatembed-report``) that the web page shows; None shows none.
         max_image_bytes: largest image or report file the web page's routes serve (413 above it).
         log_level: uvicorn and service log level.
+        backend: ``faiss`` (FAISS segments over SQLite in ``data_dir``) or ``milvus`` (Milvus at ``milvus_uri``).
+        milvus_uri: ``./gallery.db`` (milvus-lite, embedded) or ``http://host:19530`` (standalone or cluster).
+        milvus_prefix: prefix of the Milvus collections this deployment owns.
+        move_grace_seconds: Milvus: wait between a moved item's insert and its delete; a search pass whose
+            reads span longer is run again (see ``compatembed_index.milvus.spaces``).
+        catalog_ttl_seconds: Milvus: how often a replica re-reads versions, collections and aliases.
         access_log: one log line per request (uvicorn's access log). Off saves formatting and writing
             it, a visible share of the server's CPU on small searches; ``/metrics`` still counts every request.
     """
@@ -92,6 +98,17 @@ class IndexSettings(BaseSettings):
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")
     access_log: bool = True
+    backend: str = Field("faiss", pattern="^(faiss|milvus)$")
+    milvus_uri: str | None = None
+    milvus_prefix: str = Field("ce_", pattern="^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+    move_grace_seconds: float = Field(0.5, ge=0, le=60)
+    catalog_ttl_seconds: float = Field(1.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _milvus_needs_uri(self) -> IndexSettings:
+        if self.backend == "milvus" and not (self.milvus_uri or "").strip():
+            raise ValueError("backend milvus needs milvus_uri (./gallery.db for milvus-lite, http://host:19530)")
+        return self
 
     @field_validator("api_key")
     @classmethod

@@ -55,8 +55,9 @@ class ItemRows:
     """(N, D) float32 vectors in one array, when the rows were read for one version (no tombstones)."""
 
 
-class Store(abc.ABC):
-    """What the service needs from durable storage (one implementation: :class:`SQLiteStore`)."""
+class Catalog(abc.ABC):
+    """Versions, collection configs and aliases: the part of the store every backend needs
+    (:class:`SQLiteStore` on one machine; ``MilvusCatalog`` in Milvus, shared by service replicas)."""
 
     @abc.abstractmethod
     def put_version(self, version_id: str, manifest: dict[str, Any], files: dict[str, bytes]) -> None:
@@ -89,6 +90,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def aliases(self) -> dict[str, str]:
         """Alias → collection."""
+
+    @abc.abstractmethod
+    def last_seq(self) -> int:
+        """The latest committed sequence number."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the store."""
+
+
+class Store(Catalog):
+    """What the FAISS backend needs from durable storage: the catalog and the items (:class:`SQLiteStore`)."""
 
     @abc.abstractmethod
     def upsert_items(self, collection: str, version: str, ids: np.ndarray, vectors: np.ndarray,
@@ -129,16 +142,8 @@ class Store(abc.ABC):
         """Live items per version."""
 
     @abc.abstractmethod
-    def last_seq(self) -> int:
-        """The latest committed sequence number."""
-
-    @abc.abstractmethod
     def compact(self, collection: str, upto_seq: int) -> int:
         """Drop tombstones with ``seq <= upto_seq``; returns how many."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Release the store."""
 
 
 _SCHEMA = """

@@ -210,3 +210,15 @@ class ServedApp:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def milvus_service(tmp_path: Path, **opts: Any) -> Any:
+    """An ``IndexService`` on the Milvus backend, milvus-lite in ``tmp_path`` (skips when not installed)."""
+    import pytest
+
+    pytest.importorskip("pymilvus", reason="the Milvus backend is optional: pip install 'compatembed[milvus]'")
+    pytest.importorskip("milvus_lite", reason="milvus-lite is optional: pip install 'compatembed[milvus]'")
+    from compatembed_index.api import IndexService
+
+    opts.setdefault("move_grace_s", 0.5)  # milvus-lite is pure Python: a search pass takes ~0.1 s
+    return IndexService(None, backend="milvus", milvus_uri=str(tmp_path / "gallery.db"), **opts)
