@@ -2,6 +2,7 @@
 
 from compatembed.models import cifar_resnet as _cifar_resnet  # noqa: F401  (registers backbones)
 from compatembed.models import efficientnet_lite as _efficientnet_lite  # noqa: F401
+from compatembed.models import frozen_prefix as _frozen_prefix  # noqa: F401
 from compatembed.models import open_clip_tower as _open_clip_tower  # noqa: F401
 from compatembed.models import timm_backbone as _timm_backbone  # noqa: F401
 from compatembed.models.cifar_resnet import CifarResNet, load_cifar_resnet_checkpoint
