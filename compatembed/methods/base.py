@@ -48,7 +48,8 @@ class MethodContext:
         device: where training runs.
         batch_size / num_workers: for feature extraction passes.
         model_config: the new model's instantiable config (methods derive the deployed config from it).
-        cache_dir: where teacher features may be cached (None: no cache).
+        cache_dir: where teacher features may be cached (None: no cache); a frozen-prefix model's prefix
+            output is cached there too (:mod:`compatembed.feature_cache`).
     """
 
     train_set: Dataset
@@ -91,7 +92,8 @@ class MethodContext:
             return torch.load(cache, weights_only=True)
         model = model.to(self.device)
         feats = embed_dataset(
-            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}"
+            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}",
+            prefix_cache_dir=self.cache_dir,
         ).embeddings
         out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
         if cache is not None:
