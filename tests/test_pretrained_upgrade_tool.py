@@ -36,23 +36,26 @@ def test_bad_arguments_are_refused_before_any_training(argv: list[str], tmp_path
     assert not any(tmp_path.iterdir())
 
 
-def test_summary_measures_against_the_old_model_and_the_independent_lite2() -> None:
-    independent_self = {"top1": 0.70, "mAP": 0.50}
-    bct = summarise(ROWS["bct"], _trained(6), _report(0.60, 0.68, 0.65), independent_self, eval_wall_s=30.0)
+def test_summary_measures_against_the_old_model_and_both_independent_references() -> None:
+    references = {"as_is": {"top1": 0.70, "mAP": 0.50}, "finetuned": {"top1": 0.80, "mAP": 0.75}}
+    bct = summarise(ROWS["bct"], _trained(6), _report(0.60, 0.68, 0.65), references, eval_wall_s=30.0)
     assert bct["compatible"] == {"top1": True, "mAP": True}
-    assert bct["update_gain"]["top1"] == pytest.approx((0.65 - 0.60) / (0.70 - 0.60))
-    assert bct["update_gain"]["mAP"] is None  # old/old mAP 0.50 = independent's: no gain to share
-    assert bct["new_new_minus_independent"]["top1"] == pytest.approx(-0.02)
+    assert bct["update_gain"]["as_is"]["top1"] == pytest.approx((0.65 - 0.60) / (0.70 - 0.60))
+    assert bct["update_gain"]["as_is"]["mAP"] is None  # old/old mAP 0.50 = the reference's: no gain to share
+    assert bct["update_gain"]["finetuned"]["mAP"] == pytest.approx((0.55 - 0.50) / (0.75 - 0.50))
+    assert bct["new_new_minus_independent"]["finetuned"]["top1"] == pytest.approx(-0.12)
     assert bct["trainable_parameters"] == 2_820_000 and bct["augmentation"].startswith("none")
-    independent = summarise(ROWS["independent"], _trained(0), _report(0.60, 0.70, 0.05, "none (raw)"), independent_self, 10.0)
-    assert independent["update_gain"] == {"top1": None, "mAP": None}  # the reference has no gain of its own
+    independent = summarise(ROWS["independent"], _trained(0), _report(0.60, 0.70, 0.05, "none (raw)"), references, 10.0)
+    assert independent["update_gain"] == {} and independent["new_new_minus_independent"] == {}  # references have no gain
     assert independent["trainable_parameters"] == 0 and independent["route"] == "none (raw)"
+    early = summarise(ROWS["oca"], _trained(6), _report(0.60, 0.68, 0.65), {"as_is": references["as_is"]}, 1.0)
+    assert set(early["update_gain"]) == {"as_is"}  # a reference that failed or was not run is left out
 
 
 def test_render_names_every_row_and_the_cost_of_re_embedding(tmp_path: Path) -> None:
-    independent_self = {"top1": 0.70, "mAP": 0.55}
-    rows = [summarise(ROWS["independent"], _trained(0), _report(0.60, 0.70, 0.05, "none (raw)"), independent_self, 10.0),
-            summarise(ROWS["oca"], _trained(6), _report(0.60, 0.69, 0.62), independent_self, 30.0)]
+    references = {"as_is": {"top1": 0.70, "mAP": 0.55}, "finetuned": {"top1": 0.72, "mAP": 0.60}}
+    rows = [summarise(ROWS["independent"], _trained(0), _report(0.60, 0.70, 0.05, "none (raw)"), references, 10.0),
+            summarise(ROWS["oca"], _trained(6), _report(0.60, 0.69, 0.62), references, 30.0)]
     rows[1]["report"] = "pretrained_upgrade/oca/report.md"
     cache = tmp_path / "prefix_features" / "tf_efficientnet_lite2-abc"
     cache.mkdir(parents=True)
@@ -72,7 +75,8 @@ def test_render_names_every_row_and_the_cost_of_re_embedding(tmp_path: Path) -> 
                          "fct_upgrade": {"vectors": 10000, "seconds": 0.05, "vectors_per_s": 2e5}, "prefix_caches": caches}}
     md = render(payload)
     assert "Old/old (Lite0 searching its own gallery): top-1 60.0" in md
-    assert "| OCA (last stage + head) | compatible training | 69.0 / 59.0 | 62.0 / 52.0 | yes / yes | 0.20 / " in md
+    assert ("| OCA (last stage + head) | compatible training | 69.0 / 59.0 | 62.0 / 52.0 | yes / yes | 0.20 / 0.40 "
+            "| 0.17 / 0.20 | -1.0 / +4.0 | -3.0 / -1.0 | query: prefix |") in md
     assert "[report](pretrained_upgrade/oca/report.md)" in md and "| BT² | failed: exit status 2 of: x |" in md
     assert "**13.0 min**" in md and "21.7 h per million images" in md  # 10,000 images at 12.8 images/s
     assert "10.0 |" in md and "8.3 |" in md  # the prefix cache's build minutes and rate
