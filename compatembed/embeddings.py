@@ -9,6 +9,11 @@ A large gallery is embedded in parts, one process each (``shard=(i, n)`` of :fun
 part ``i`` of ``n`` embeds a contiguous range of the split and is saved to ``<out>/shard-i-of-n``;
 :meth:`EmbeddingSet.load` merges the parts and checks every id appears once. The layout and the
 merge are :mod:`compatembed_index.embedding_sets` (numpy only, so the index service reads it too).
+
+A model built on a :class:`~compatembed.models.frozen_prefix.FrozenPrefixBackbone` (with ``cache``
+on) can be embedded from the cached output of its frozen prefix (:mod:`compatembed.feature_cache`)
+when the caller names a cache directory: every model sharing that prefix (an upgrade's independent
+new model and its compatible variants) then pays the expensive part of the forward pass once.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from compatembed.data import Preprocessing, build_dataset, build_transform
 from compatembed.data.loaders import ArrayBatchLoader, batch_source
 from compatembed.data.shards import WebDatasetShards
 from compatembed.errors import ConfigError, EvalError
+from compatembed.feature_cache import load_or_build_prefix_features
 from compatembed.hardware import resolve_device
+from compatembed.models.frozen_prefix import find_frozen_prefix
 from compatembed.models.version import MANIFEST, load_manifest, load_model_version
 
 _logger = logging.getLogger(__name__)
@@ -111,6 +118,7 @@ def embed_dataset(
     num_workers: int = 0,
     desc: str = "embed",
     progress: bool = True,
+    prefix_cache_dir: str | os.PathLike[str] | None = None,
 ) -> EmbeddingSet:
     """Embed every item of ``dataset`` (which yields ``(image, label)``) in order.
 
@@ -118,12 +126,32 @@ def embed_dataset(
     served from a decoded array (:mod:`compatembed.data.array_cache`) is embedded in whole batches
     transformed on ``device``, the same path training uses; others go through a ``DataLoader``.
 
+    Args:
+        prefix_cache_dir: When set and the model holds a :class:`FrozenPrefixBackbone` with ``cache``
+            on, its frozen prefix's output is read from (or first written to) the prefix cache there
+            and only the rest of the model runs; ``dataset`` must then be the backbone's un-augmented
+            eval view. The result equals the image path up to the cache's storage precision.
+
     Returns:
         An :class:`EmbeddingSet` with ``ids`` taken from ``dataset.ids`` when present, else positions.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
+    prefix = find_frozen_prefix(model) if prefix_cache_dir is not None else None
+    if prefix is not None and prefix.cache:
+        cached = load_or_build_prefix_features(prefix, dataset, prefix_cache_dir, batch_size=batch_size,
+                                               num_workers=num_workers, progress=progress)
+        if cached is not None:
+            embedded = []
+            with prefix.prefix_features_input():
+                for start in tqdm(range(0, len(cached), batch_size), desc=desc, disable=not progress, leave=False):
+                    x = torch.from_numpy(np.array(cached.features[start : start + batch_size], dtype=np.float32))
+                    embedded.append(_model_embed(model, x.to(device)).float().cpu().numpy())
+            model.train(was_training)
+            dim = int(getattr(model, "embed_dim", 0))
+            embeddings = np.concatenate(embedded) if embedded else np.zeros((0, dim), np.float32)
+            return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=cached.targets.copy(), ids=cached.ids.copy())
     if batch_source(dataset) is not None:  # decoded array: whole batches, transformed on the device
         loader: Any = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
     else:
@@ -203,9 +231,12 @@ def shard_of(dataset: Dataset, shard: int, num_shards: int, *, batch_size: int) 
 
 def extract_split(
     version_dir: str | Path, data_cfg: DictConfig, split: str, *, device: str = "auto", batch_size: int = 256,
-    num_workers: int = 0, progress: bool = True, shard: tuple[int, int] | None = None,
+    num_workers: int = 0, progress: bool = True, shard: tuple[int, int] | None = None, prefix_cache: bool = False,
 ) -> EmbeddingSet:
     """Embed ``split`` of ``data_cfg`` with the model version in ``version_dir`` (its own preprocessing).
+
+    With ``prefix_cache`` a frozen-prefix model (see :func:`embed_dataset`) reads its prefix output
+    from the cache under ``data.cache_dir``, shared by every version with the same frozen prefix.
 
     Args:
         shard: ``(i, n)``: embed part ``i`` of ``n`` only (see :func:`shard_of`); its ``meta`` says
@@ -227,6 +258,7 @@ def extract_split(
         num_workers=num_workers,
         desc=f"embed {loaded.version_id}/{split}",
         progress=progress,
+        prefix_cache_dir=OmegaConf.select(data_cfg, "cache_dir", default=None) if prefix_cache else None,
     )
     result.meta = {
         "version_id": loaded.version_id,
@@ -242,9 +274,12 @@ def extract_split(
 
 def load_or_extract(
     path: str | Path, data_cfg: DictConfig, split: str, *, device: str = "auto", batch_size: int = 256,
-    num_workers: int = 0, progress: bool = True,
+    num_workers: int = 0, progress: bool = True, prefix_cache: bool = False,
 ) -> EmbeddingSet:
-    """Embeddings of ``split`` from a version directory (extracted once, cached inside it) or an embeddings directory."""
+    """Embeddings of ``split`` from a version directory (extracted once, cached inside it) or an embeddings directory.
+
+    ``prefix_cache`` is passed to :func:`extract_split` when the embeddings have to be extracted.
+    """
     path = Path(path)
     if is_embedding_set(path) and not (path / MANIFEST).is_file():
         return EmbeddingSet.load(path)
@@ -255,7 +290,8 @@ def load_or_extract(
         if cached.meta.get("weights_sha256") == manifest["files"]["model.safetensors"]:
             return cached
     result = extract_split(
-        path, data_cfg, split, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress
+        path, data_cfg, split, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
+        prefix_cache=prefix_cache,
     )
     result.save(cache)
     return result

@@ -58,6 +58,7 @@ def extract(cfg: DictConfig) -> Path:
         num_workers=resolve_num_workers(cfg.num_workers),
         progress=bool(cfg.progress),
         shard=resolve_shard(cfg.shard, cfg.num_shards),
+        prefix_cache=bool(cfg.prefix_cache),
     )
     out = result.save(cfg.out)
     _logger.info("wrote %d embeddings of dim %d to %s", len(result), result.embeddings.shape[1], out)

