@@ -615,6 +615,13 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 # -- model versions and servers -------------------------------------------------------------------------
+def _shown_command(full: Sequence[str], launcher: Sequence[str], work: Path, api_key: str) -> str:
+    """``full`` as the report shows it: ``schemathesis`` for however it was launched, ``<work>`` for the
+    campaign's temporary directory, ``$KEY`` for the key (no path or secret of the machine it ran on)."""
+    parts = ["schemathesis", *full[len(launcher):]]
+    return " ".join(shlex.quote(a.replace(str(work), "<work>").replace(api_key, "$KEY")) for a in parts)
+
+
 def write_versions(root: Path, dim: int, seed: int) -> dict[str, Path]:
     """``v1`` and ``v2`` (both ``dim``), v2 with an affine query edge to v1 and a forward edge from v1.
 
@@ -1198,7 +1205,7 @@ def run_schemathesis(work: Path, api_key: str, examples: int, max_seconds: float
                 "--max-time", str(max(1, int(budget))), "--seed", str(seed),
                 "--header", f"X-API-Key: {api_key}", "--request-timeout", "30", "--workers", "1",
                 "--report", "json", "--report-json-path", str(report_path)]
-        shown = " ".join(shlex.quote(a if api_key not in a else a.replace(api_key, "$KEY")) for a in full)
+        shown = _shown_command(full, cmd, work, api_key)
         log("schemathesis", f"running for at most {budget:.0f} s: {shown}")
         env = {**os.environ, "NO_COLOR": "1"}
         t0 = time.monotonic()

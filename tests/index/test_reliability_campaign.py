@@ -330,3 +330,12 @@ def test_version_directories_follow_the_manifest_contract(tmp_path):
         assert hashlib.sha256((dirs["v2"] / rel).read_bytes()).hexdigest() == sha
     w = np.load(dirs["v2"] / "transforms" / "affine_to_v1.npz")["weight"]
     assert w.shape == (8, 8) and np.allclose(w @ w.T, np.eye(8), atol=1e-5)  # a rotation
+
+
+def test_shown_command_names_no_path_or_key_of_the_machine(tmp_path):
+    from tools.reliability_campaign import _shown_command
+
+    launcher = ["/opt/venv/bin/python", "-c", "import schemathesis"]
+    full = [*launcher, "--config-file", str(tmp_path / "schemathesis.toml"), "run", "--header", "X-API-Key: s3cr3t"]
+    shown = _shown_command(full, launcher, tmp_path, "s3cr3t")
+    assert shown == "schemathesis --config-file '<work>/schemathesis.toml' run --header 'X-API-Key: $KEY'"
