@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from compatembed.data.array_cache import array_view, source_fingerprint
+from compatembed.data.array_cache import array_view, publish_cache_dir, source_fingerprint
 from compatembed.data.loaders import ArrayBatchLoader, batch_source
 from compatembed.data.transforms import ImageTransform
 from compatembed.errors import ConfigError, DataError
@@ -202,16 +202,7 @@ def _build(backbone: FrozenPrefixBackbone, dataset: Any, directory: Path, meta: 
         seconds = time.perf_counter() - started
         full = {**meta, "shape": shape, "build_s": round(seconds, 3), "images_per_s": round(n / max(seconds, 1e-9), 2)}
         (tmp / "meta.json").write_text(json.dumps(full, indent=1) + "\n")
-        for name in ("features.npy", "ids.npy", "targets.npy", "meta.json"):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        try:
-            os.rename(tmp, directory)  # atomic: readers see no cache or a complete one
-        except OSError:
-            if not (directory / "meta.json").is_file():
-                raise
-            _logger.info("%s was built by another process meanwhile; using it", directory)
-        else:
+        if publish_cache_dir(tmp, directory, ("features.npy", "ids.npy", "targets.npy", "meta.json")):
             _logger.info("cached the %s prefix output of %d items %s in %.1f s (%.1f images/s) at %s",
                          backbone.model_name, n, shape[1:], seconds, n / max(seconds, 1e-9), directory)
     finally:

@@ -178,16 +178,7 @@ def _build(dataset: Any, directory: Path, fingerprint: dict[str, Any], progress:
         meta = {"format": FORMAT_VERSION, "count": n, "height": h, "width": w, "classes": list(dataset.classes),
                 "source": fingerprint, "decode_s": round(time.perf_counter() - started, 3)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        for name in ("pixels.npy", "targets.npy", "ids.npy", "meta.json"):
-            with open(tmp / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        try:
-            os.rename(tmp, directory)  # atomic: readers see no cache or a complete one
-        except OSError:
-            if not (directory / "meta.json").is_file():
-                raise
-            _logger.info("%s was built by another process meanwhile; using it", directory)
-        else:
+        if publish_cache_dir(tmp, directory, ("pixels.npy", "targets.npy", "ids.npy", "meta.json")):
             _logger.info("decoded %d images (%dx%d) into %s in %.1f s", n, w, h, directory, meta["decode_s"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -207,6 +198,23 @@ def _load(directory: Path, dataset: Any) -> ArrayImages | None:
         _logger.warning("array cache %s does not match its source; rebuilding it", directory)
         return None
     return ArrayImages(pixels, targets, ids, list(dataset.classes), transform=dataset.transform, source=str(directory))
+
+
+def publish_cache_dir(tmp: Path, directory: Path, names: tuple[str, ...]) -> bool:
+    """Fsync ``names`` in the finished ``tmp`` directory and rename it to ``directory`` (atomic: readers see no
+    cache or a complete one). Returns False when another process published ``directory`` first (its
+    ``meta.json`` is there): the caller then uses that one and drops ``tmp``."""
+    for name in names:
+        with open(tmp / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    try:
+        os.rename(tmp, directory)
+    except OSError:
+        if not (directory / "meta.json").is_file():
+            raise
+        _logger.info("%s was built by another process meanwhile; using it", directory)
+        return False
+    return True
 
 
 def decode_to_array(dataset: LabeledImageDataset, cache_dir: str | os.PathLike[str] | None, *,
