@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -154,21 +155,13 @@ class MilvusCollection(RoutedCollection):
         Raises:
             DuplicateIdError: an id exists and ``upsert`` is false.
         """
-        ids_a, x = self._prepare(version, ids, vectors)
-        meta = self._metadata(metadata, len(ids_a))
-        self._check_meta_size(meta)
-        with self.lock.write():
-            self._check_live()
-            self._ensure((version,))
-            holders = self.spaces.holders(ids_a)
+        def check(ids_a: np.ndarray, holders: dict[int, Any]) -> None:
             if holders and not upsert:
                 present = sorted(holders)
                 raise DuplicateIdError(f"{len(present)} id(s) already in collection {self.name!r} "
                                        f"(e.g. {present[:5]}); use upsert to replace them")
-            forwarded = self._forward_copies(version, x)
-            self.applied_seq = self.spaces.write(version, ids_a, x, meta or [None] * len(ids_a), forwarded,
-                                                 holders=holders)
-        return self.applied_seq
+
+        return self._write(version, ids, vectors, metadata, check, keep_metadata=False)
 
     def upgrade(self, version: str, ids: Any, vectors: Any, metadata: list[dict[str, Any] | None] | None = None) -> int:
         """Move existing items to ``version`` with new vectors (metadata kept unless given).
@@ -176,6 +169,18 @@ class MilvusCollection(RoutedCollection):
         Raises:
             ItemNotFoundError: an id is not in the collection.
         """
+        def check(ids_a: np.ndarray, holders: dict[int, Any]) -> None:
+            missing = [i for i in ids_a.tolist() if i not in holders]
+            if missing:
+                raise ItemNotFoundError(f"{len(missing)} id(s) not in collection {self.name!r} "
+                                        f"(e.g. {missing[:5]}); add them instead")
+
+        return self._write(version, ids, vectors, metadata, check, keep_metadata=True)
+
+    def _write(self, version: str, ids: Any, vectors: Any, metadata: list[dict[str, Any] | None] | None,
+               check: Callable[[np.ndarray, dict[int, Any]], None], *, keep_metadata: bool) -> int:
+        """The one write path of add and upgrade: checks, then, under the write lock, ``check`` against the
+        ids' current holders, the forward copies, and the write (an upgrade without metadata keeps the old)."""
         ids_a, x = self._prepare(version, ids, vectors)
         meta = self._metadata(metadata, len(ids_a))
         self._check_meta_size(meta)
@@ -183,12 +188,10 @@ class MilvusCollection(RoutedCollection):
             self._check_live()
             self._ensure((version,))
             holders = self.spaces.holders(ids_a)
-            missing = [i for i in ids_a.tolist() if i not in holders]
-            if missing:
-                raise ItemNotFoundError(f"{len(missing)} id(s) not in collection {self.name!r} "
-                                        f"(e.g. {missing[:5]}); add them instead")
+            check(ids_a, holders)
             forwarded = self._forward_copies(version, x)
-            self.applied_seq = self.spaces.write(version, ids_a, x, meta, forwarded, holders=holders)
+            self.applied_seq = self.spaces.write(version, ids_a, x, meta if keep_metadata else meta or [None] * len(ids_a),
+                                                 forwarded, holders=holders)
         return self.applied_seq
 
     def delete(self, ids: Any) -> tuple[int, int]:
