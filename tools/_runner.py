@@ -68,6 +68,14 @@ def evaluate(query_dir: str, gallery_dir: str, out: Path, *, overrides: list[str
     return json.loads((out / "report.json").read_text())
 
 
+def defined_gain(cross: float, old_self: float, independent_self: float) -> float | None:
+    """:func:`compatembed.eval.compatibility.update_gain`, None unless the independent new model beats the old one
+    (otherwise there is no gain to share, and no method can satisfy the criterion either)."""
+    from compatembed.eval.compatibility import update_gain
+
+    return update_gain(cross, old_self, independent_self) if independent_self > old_self else None
+
+
 def pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 

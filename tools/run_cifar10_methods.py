@@ -39,7 +39,7 @@ import numpy as np
 
 from compatembed.methods import list_methods, method_class
 from compatembed.methods.post_hoc import PostHocMapMethod
-from tools._runner import REPO, evaluate, machine, train, write_json
+from tools._runner import REPO, defined_gain, evaluate, machine, train, write_json
 
 METRICS = ("top1", "top5", "mAP", "mAP@R")
 DEFAULT_ROWS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
@@ -105,11 +105,7 @@ def summarise(seed: int, report: dict[str, Any], baseline_self: dict[str, Any], 
               wall_s: float | None, images_per_s: float | None) -> dict[str, Any]:
     """One seed of one method: its three pairs, the criterion, the update gain and the cost."""
     old_old, new_new, new_old = (_row(report["pairs"], q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
-    gain = {}
-    for metric in ("top1", "mAP"):
-        # undefined unless the independent new model beats the old one: there is no gain to share
-        denominator = baseline_self[metric] - old_old[metric]
-        gain[metric] = None if denominator <= 0 else (new_old[metric] - old_old[metric]) / denominator
+    gain = {m: defined_gain(new_old[m], old_old[m], baseline_self[m]) for m in ("top1", "mAP")}
     return {
         "seed": seed,
         "version_id": report["query_version"],

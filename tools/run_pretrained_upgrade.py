@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools._runner import REPO, evaluate, machine, train, write_json
+from tools._runner import REPO, defined_gain, evaluate, machine, train, write_json
 
 METRICS = ("top1", "top5", "mAP", "mAP@R")
 PREFIX = "pretrained_upgrade_"
@@ -101,10 +101,7 @@ def summarise(row: Row, trained: dict[str, Any], report: dict[str, Any], referen
     for ref, ref_self in references.items():
         if row.kind == "independent":  # a reference has no gain of its own
             continue
-        gain[ref] = {}
-        for metric in ("top1", "mAP"):
-            denominator = ref_self[metric] - old_old[metric]  # undefined unless the new model beats the old one
-            gain[ref][metric] = None if denominator <= 0 else (new_old[metric] - old_old[metric]) / denominator
+        gain[ref] = {m: defined_gain(new_old[m], old_old[m], ref_self[m]) for m in ("top1", "mAP")}
         delta[ref] = {m: new_new[m] - ref_self[m] for m in ("top1", "mAP")}
     training = trained["manifest"]["training"]
     prefix = training.get("frozen_prefix") or {}
