@@ -66,6 +66,46 @@ def test_methods_table_reports_mean_spread_and_how_many_seeds_pass():
     assert _mean_spread(agg["wall_s"], 1 / 60) == "1.5 ±0.5"
 
 
+def test_merge_replaces_only_the_rows_measured_now_and_keeps_the_rest(tmp_path):
+    from tools.run_cifar10_methods import Rows, aggregate, merged, render
+
+    earlier = {
+        "command": "python -m tools.run_cifar10_methods --seeds 1 2",
+        "methods": [aggregate("oca", "normalized", [_seed_row(1, 0.40, True, 0.5)]),
+                    aggregate("bct", "raw", [_seed_row(2, 0.30, True, 0.2)])],
+        "per_seed": {"oca": [_seed_row(1, 0.40, True, 0.5), _seed_row(2, 0.44, True, 0.7)],
+                     "bct": [_seed_row(2, 0.30, True, 0.2)]},
+        "failed": {"bct seed 1": "exit status 1", "oca seed 3": "exit status 1"},
+    }
+    now = Rows()
+    now.add("bct", "raw", _seed_row(1, 0.35, True, 0.3))
+    now.add("bt2", "normalized", _seed_row(1, 0.33, False, 0.1))
+    rows, failed, commands = merged(earlier, now, {})
+    assert list(rows.seeds) == ["oca", "bct", "bt2"]  # the earlier order, new methods after
+    assert [r["seed"] for r in rows.seeds["bct"]] == [1, 2]
+    assert rows.seeds["bct"][0]["new/old"]["top1"] == 0.35 and rows.seeds["bct"][1]["new/old"]["top1"] == 0.30
+    assert rows.seeds["oca"] == earlier["per_seed"]["oca"] and rows.baseline_of["oca"] == "normalized"
+    assert failed == {"oca seed 3": "exit status 1"}  # bct seed 1 succeeded now: its failure is gone
+    assert commands == [earlier["command"]]
+    assert merged(None, now, {"x": "y"}) == (now, {"x": "y"}, [])
+    payload = {"scenario": "internal", "protocol": "p", "command": "b", "commands": ["a", "b"],
+               "machine": {"cpu_count": 2, "torch": "t", "cuda": None}, "old_version": "old", "old_wall_s": 60.0,
+               "methods": [aggregate(k, rows.baseline_of[k], v) for k, v in rows.seeds.items()], "failed": failed}
+    assert "made by `a`, then `b`." in render(payload)
+
+
+def test_merge_refuses_a_results_file_of_another_scenario_before_any_training(tmp_path, capsys):
+    import json
+
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    out.mkdir()
+    (out / "cifar10_methods.json").write_text(json.dumps({"scenario": "external", "per_seed": {}}))
+    with pytest.raises(SystemExit) as exc:
+        main(["--runs", str(runs), "--out", str(out), "--merge", "--methods", "oca", "--seeds", "1"])
+    assert "external" in str(exc.value)
+    assert not runs.exists()
+
+
 def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
     import json
 

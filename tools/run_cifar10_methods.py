@@ -20,7 +20,11 @@ prototype form of BCT do (and BT² distils from it). Each row names the baseline
 
 Runs whose version directory exists are reused (``--no-reuse`` retrains); a run cut short resumes
 from its checkpoint. The results files are rewritten after every run, so a long invocation that is
-stopped keeps what it measured.
+stopped keeps what it measured. ``--merge`` keeps the rows (method and seed) of the existing results
+file that this invocation does not produce, so one method or seed can be added without retraining the
+others; the file then lists every command that contributed.
+
+    python -m tools.run_cifar10_methods --methods bct_prototypes --seeds 1 --merge
 """
 
 from __future__ import annotations
@@ -164,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], metavar="'METHOD KEY=VALUE ...'",
                         help="also train METHOD with these Hydra overrides, as its own row and version directories "
                              "(repeatable), e.g. --variant 'oca method.influence_scale=10'")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows (method, seed) of the existing results file that this invocation does not "
+                             "produce; without it the file holds only this invocation's rows")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every training (e.g. trainer.device=cuda)")
     args = parser.parse_args(argv)
     chosen = [known[m] for m in args.methods]
@@ -187,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     name = "cifar10_external_methods" if args.scenario == "external" else "cifar10_methods"
     reuse = not args.no_reuse
 
+    kept = _earlier(args.out / f"{name}.json", args.scenario) if args.merge else None  # before any training
     old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
     linked = [f"method.old_version={old['version_dir']}"]
     rows, failed = Rows(), {}
-    needed = {"raw"} | {e.baseline for e in chosen} | ({"normalized"} if "bt2" in args.methods else set())
+    needed = {e.baseline for e in chosen} | ({"normalized"} if any(e.experiment == "bt2" for e in chosen) else set())
 
     def run(entry: Entry, seed: int, extra: list[str], baseline: dict[str, Any] | None) -> dict[str, Any] | None:
         run_name = f"{entry.name(prefix)}_s{seed}"
@@ -211,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         if baseline is None:  # a baseline measured against itself: it has no update gain
             row["update_gain"] = {m: None for m in row["update_gain"]}
         rows.add(entry.label, entry.baseline, row)
-        _write(args, name, old, rows, failed, argv)  # after every run: a cut-short invocation keeps what it measured
+        _write(args, name, old, rows, failed, argv, kept)  # after every run: a cut-short invocation keeps what it measured
         return {**trained, "report": report}
 
     for seed in args.seeds:
@@ -231,8 +239,45 @@ def main(argv: list[str] | None = None) -> int:
             if post_hoc(entry.experiment) and not args.retrain_post_hoc:
                 extra += [f"method.new_version={baselines[entry.baseline]['version_dir']}", "trainer.epochs=0"]
             run(entry, seed, extra, baselines[entry.baseline])
-    _write(args, name, old, rows, failed, argv)
+    _write(args, name, old, rows, failed, argv, kept)
     return 1 if failed else 0
+
+
+def _earlier(path: Path, scenario: str) -> dict[str, Any] | None:
+    """The results file a ``--merge`` adds to (None when there is none yet); refused when it is of another scenario."""
+    if not path.exists():
+        return None
+    try:
+        payload = json.loads(path.read_text())
+        ok = isinstance(payload, dict) and isinstance(payload.get("per_seed"), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"--merge: {path} is not a results file of this tool; move it away or run without --merge")
+    if payload.get("scenario") != scenario:
+        raise SystemExit(f"--merge: {path} holds the {payload.get('scenario')!r} scenario, not {scenario!r}")
+    return payload
+
+
+def merged(earlier: dict[str, Any] | None, rows: Rows, failed: dict[str, str]) -> tuple[Rows, dict[str, str], list[str]]:
+    """This invocation's rows over an earlier results file's: a (method, seed) measured now replaces the earlier one.
+
+    Returns the rows in the earlier file's order (new methods after), the failures still standing (an earlier
+    failure of a row that succeeded now is dropped), and the earlier commands.
+    """
+    if earlier is None:
+        return rows, failed, []
+    out = Rows()
+    baseline_of = {m["method"]: m["baseline"] for m in earlier.get("methods", [])}
+    for label in [*earlier["per_seed"], *(x for x in rows.seeds if x not in earlier["per_seed"])]:
+        now = {r["seed"]: r for r in rows.seeds.get(label, [])}
+        before = {r["seed"]: r for r in earlier["per_seed"].get(label, []) if r["seed"] not in now}
+        for seed in sorted({**before, **now}):
+            out.add(label, rows.baseline_of.get(label, baseline_of.get(label, "raw")), {**before, **now}[seed])
+    measured = {f"{label} seed {r['seed']}" for label, seeds in rows.seeds.items() for r in seeds}
+    standing = {k: v for k, v in earlier.get("failed", {}).items() if k not in measured}
+    commands = earlier.get("commands") or [earlier["command"]]
+    return out, {**standing, **failed}, list(commands)
 
 
 def _slug(overrides: list[str]) -> str:
@@ -245,7 +290,9 @@ def _slug(overrides: list[str]) -> str:
 
 
 def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows, failed: dict[str, str],
-           argv: list[str] | None) -> None:
+           argv: list[str] | None, earlier: dict[str, Any] | None = None) -> None:
+    rows, failed, commands = merged(earlier, rows, failed)
+    command = "python -m tools.run_cifar10_methods " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
         "scenario": args.scenario,
         "protocol": (
@@ -254,7 +301,8 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows,
             + "; new: classes 0-9; query set = gallery set = the 10-class test split, leave-one-out; new/old follows the "
             "manifest's compatibility route (prefix, affine map, or forward-upgraded gallery)"
         ),
-        "command": "python -m tools.run_cifar10_methods " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
+        "commands": [*commands, command],
         "machine": machine(),
         "old_version": old["manifest"]["version_id"],
         "old_wall_s": old["wall_s"],
@@ -297,7 +345,7 @@ def render(payload: dict[str, Any]) -> str:
         f"# Compatibility methods on the shared CIFAR-10 ({payload['scenario']} old model)",
         "",
         f"{payload['protocol']}. Values in %, mean ± half the range over the seeds; made by "
-        f"`{payload['command'].strip()}`.",
+        + ", then ".join(f"`{c.strip()}`" for c in payload.get("commands") or [payload["command"]]) + ".",
         "",
         *header,
     ]
