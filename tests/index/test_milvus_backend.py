@@ -1,6 +1,10 @@
-"""The Milvus backend (milvus-lite in a temporary directory) against the FAISS backend and the oracle:
-identical results on a mixed three-version gallery, consistent searches during a running backfill,
-restart, replicas sharing one gallery, repair of a half-done move, and clear refusals."""
+"""The Milvus backend against the FAISS backend and the oracle: identical results on a mixed three-version
+gallery, consistent searches during a running backfill, restart, replicas sharing one gallery, repair
+of a half-done move, and clear refusals.
+
+Every test runs twice: on milvus-lite in its temporary directory, and on a real Milvus server process
+on 127.0.0.1 started once for the module (the ``milvus`` package's standalone server, else
+``milvus-lite server``; skipped with the reason when neither starts)."""
 
 from __future__ import annotations
 
@@ -12,10 +16,19 @@ import pytest
 from compatembed_index.api import IndexService
 from compatembed_index.errors import ConfigError, DuplicateIdError, ItemNotFoundError
 
-from index_helpers import Chain, assert_same_topk, milvus_service, oracle_topk
+from index_helpers import Chain, assert_same_topk, milvus_server, milvus_service, oracle_topk
 
 SIZES = {"v1": (150, Chain.D1), "v2": (100, Chain.D2), "v3": (60, Chain.D3)}
 OFFSET = {"v1": 0, "v2": 10_000, "v3": 2**40}
+
+
+@pytest.fixture(scope="module", params=["lite", "server"])
+def uri(request, tmp_path_factory):
+    """None: milvus-lite in each test's temporary directory; else the URI of the module's Milvus server."""
+    if request.param == "lite":
+        yield None
+    else:
+        yield from milvus_server(tmp_path_factory.mktemp("milvus-server"))
 
 
 @pytest.fixture
@@ -41,10 +54,10 @@ def _fill(svc, data):
         svc.add("g", v, ids, x, [{"v": v, "i": int(i)} for i in ids])
 
 
-def test_same_results_as_faiss_and_the_oracle_on_three_versions(chain, tmp_path):
+def test_same_results_as_faiss_and_the_oracle_on_three_versions(chain, uri, tmp_path):
     data = _data()
     faiss_svc = _register(IndexService(None), chain)
-    milvus_svc = _register(milvus_service(tmp_path), chain)
+    milvus_svc = _register(milvus_service(tmp_path, uri), chain)
     q = np.random.default_rng(7).normal(size=(12, Chain.D3)).astype(np.float32)
     for svc in (faiss_svc, milvus_svc):
         _fill(svc, data)
@@ -72,10 +85,10 @@ def test_same_results_as_faiss_and_the_oracle_on_three_versions(chain, tmp_path)
     milvus_svc.close()
 
 
-def test_searches_during_a_backfill_never_see_an_item_twice_or_miss_one(chain, tmp_path):
+def test_searches_during_a_backfill_never_see_an_item_twice_or_miss_one(chain, uri, tmp_path):
     """Every item is a unit vector; a v3 query equal to one stored item, searched with k = every item,
     must return each id exactly once, whichever segment holds it at that moment."""
-    svc = _register(milvus_service(tmp_path, move_grace_s=0.5), chain)
+    svc = _register(milvus_service(tmp_path, uri, move_grace_s=0.5), chain)
     svc.create_collection("g")
     rng = np.random.default_rng(3)
     n = 60
@@ -110,9 +123,9 @@ def test_searches_during_a_backfill_never_see_an_item_twice_or_miss_one(chain, t
     svc.close()
 
 
-def test_restart_keeps_items_configs_aliases_and_versions(chain, tmp_path):
+def test_restart_keeps_items_configs_aliases_and_versions(chain, uri, tmp_path):
     data = _data()
-    svc = _register(milvus_service(tmp_path), chain)
+    svc = _register(milvus_service(tmp_path, uri), chain)
     _fill(svc, data)
     svc.upgrade("g", "v3", data["v1"][0][:5], np.ones((5, Chain.D3), np.float32))
     svc.materialise("g", "v1", "v3")
@@ -120,7 +133,7 @@ def test_restart_keeps_items_configs_aliases_and_versions(chain, tmp_path):
     q = np.random.default_rng(9).normal(size=(4, Chain.D3)).astype(np.float32)
     before = svc.search("live", "v3", q, k=8)
     svc.close()
-    again = milvus_service(tmp_path)  # nothing registered: everything comes back from Milvus
+    again = milvus_service(tmp_path, uri)  # nothing registered: everything comes back from Milvus
     assert [v["version_id"] for v in again.versions()] == sorted(chain.dirs)
     assert again.aliases() == {"live": "g"}
     after = again.search("live", "v3", q, k=8)
@@ -130,9 +143,9 @@ def test_restart_keeps_items_configs_aliases_and_versions(chain, tmp_path):
     again.close()
 
 
-def test_two_replicas_serve_one_gallery(chain, tmp_path):
-    a = _register(milvus_service(tmp_path, catalog_ttl_s=0.0), chain)
-    b = milvus_service(tmp_path, catalog_ttl_s=0.0)  # a second replica: no state of its own
+def test_two_replicas_serve_one_gallery(chain, uri, tmp_path):
+    a = _register(milvus_service(tmp_path, uri, catalog_ttl_s=0.0), chain)
+    b = milvus_service(tmp_path, uri, catalog_ttl_s=0.0)  # a second replica: no state of its own
     a.create_collection("g")
     a.add("g", "v1", [1, 2], np.eye(2, Chain.D1, dtype=np.float32), [{"a": 1}, None])
     assert b.versions_of("g", [1, 2, 3]) == ["v1", "v1", None]  # written by a, read by b
@@ -147,8 +160,8 @@ def test_two_replicas_serve_one_gallery(chain, tmp_path):
     b.close()
 
 
-def test_a_move_cut_short_is_seen_once_and_repaired(chain, tmp_path):
-    svc = _register(milvus_service(tmp_path), chain)
+def test_a_move_cut_short_is_seen_once_and_repaired(chain, uri, tmp_path):
+    svc = _register(milvus_service(tmp_path, uri), chain)
     svc.create_collection("g")
     svc.add("g", "v1", [7], np.ones((1, Chain.D1), np.float32), [{"k": 7}])
     coll = svc.collection("g")
@@ -165,12 +178,12 @@ def test_a_move_cut_short_is_seen_once_and_repaired(chain, tmp_path):
     svc.close()
 
 
-def test_bad_backend_settings_are_refused_by_name(chain, tmp_path):
+def test_bad_backend_settings_are_refused_by_name(chain, uri, tmp_path):
     with pytest.raises(ConfigError, match="backend must be one of faiss, milvus"):
         IndexService(None, backend="qdrant")
     with pytest.raises(ConfigError, match="needs a Milvus URI"):
         IndexService(None, backend="milvus")
-    svc = _register(milvus_service(tmp_path), chain)
+    svc = _register(milvus_service(tmp_path, uri), chain)
     with pytest.raises(ConfigError, match="no Milvus counterpart"):
         svc.create_collection("pq", factory="IVF16,PQ4")
     assert "pq" not in svc.list_collections()
@@ -182,18 +195,21 @@ def test_bad_backend_settings_are_refused_by_name(chain, tmp_path):
     svc.close()
 
 
-def test_cli_exports_to_milvus_and_back_with_the_same_answers(chain, tmp_path, capsys):
+def test_cli_exports_to_milvus_and_back_with_the_same_answers(chain, uri, tmp_path, capsys, monkeypatch):
+    import hashlib
     import json
 
     from compatembed_index.cli import _settings, build_parser, main
 
-    milvus_service(tmp_path).close()  # skips when the Milvus extra is missing
+    milvus_service(tmp_path, uri).close()  # skips when the Milvus extra is missing
+    if uri is not None:  # this test's own namespace on the shared server
+        monkeypatch.setenv("COMPATEMBED_INDEX_MILVUS_PREFIX", "x" + hashlib.sha1(str(tmp_path).encode()).hexdigest()[:12] + "_")
     data = _data()
     local = _register(IndexService(tmp_path / "faiss"), chain)
     _fill(local, data)
     local.materialise("g", "v1", "v3")
     local.close()
-    uri = str(tmp_path / "export.db")
+    uri = uri or str(tmp_path / "export.db")
     assert main(["--data-dir", str(tmp_path / "faiss"), "export", "g", "--to-milvus", uri, "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {v: n for v, (n, _) in SIZES.items()}

@@ -166,7 +166,8 @@ class GallerySpaces:
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("seq", DataType.INT64)
             if len(key) == 1:
-                schema.add_field("meta", DataType.VARCHAR, max_length=META_BYTES, nullable=True)
+                # "" stands for no metadata (JSON text is never empty): servers before 2.5 have no nullable fields
+                schema.add_field("meta", DataType.VARCHAR, max_length=META_BYTES)
             schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
             params = self.client.prepare_index_params()
             params.add_index("vec", index_type=index[0], metric_type=metric.upper(), params=index[1])
@@ -224,7 +225,7 @@ class GallerySpaces:
             chunk = ids[lo:lo + QUERY_IDS]
             for r in self.client.query(self.name((version,)), filter=f"id in {chunk}", output_fields=["id", "meta"],
                                        limit=len(chunk), consistency_level=STRONG):
-                out[int(r["id"])] = r.get("meta")
+                out[int(r["id"])] = r.get("meta") or None
         return out
 
     def items(self, version: str, ids: list[int], *, vectors: bool) -> dict[int, tuple[str | None, np.ndarray | None]]:
@@ -235,7 +236,7 @@ class GallerySpaces:
             chunk = ids[lo:lo + QUERY_IDS]
             for r in self.client.query(self.name((version,)), filter=f"id in {chunk}", output_fields=fields,
                                        limit=len(chunk), consistency_level=STRONG):
-                out[int(r["id"])] = (r.get("meta"), np.asarray(r["vec"], np.float32) if vectors else None)
+                out[int(r["id"])] = (r.get("meta") or None, np.asarray(r["vec"], np.float32) if vectors else None)
         return out
 
     def rows(self, key: tuple[str, ...], batch: int = 1024) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -260,7 +261,7 @@ class GallerySpaces:
             for j in range(lo, min(lo + WRITE_ROWS, len(ids))):
                 row: dict[str, Any] = {"id": int(ids[j]), "seq": seq, "vec": x[j].tolist()}
                 if meta is not None:
-                    row["meta"] = meta[j]
+                    row["meta"] = meta[j] or ""
                 rows.append(row)
             self.client.upsert(name, rows)
 
