@@ -153,3 +153,18 @@ def test_methods_results_name_no_absolute_path_of_the_checkout():
 
     payload = {"failed": {"oca seed 1": f"exit status 1 of: train output_dir={REPO}/runs/x"}, "n": 1.5}
     assert _relative(payload) == {"failed": {"oca seed 1": "exit status 1 of: train output_dir=runs/x"}, "n": 1.5}
+
+
+def test_training_time_of_a_reused_version_comes_from_what_its_run_recorded(tmp_path):
+    import json
+
+    from tools._runner import recorded_wall_s
+
+    assert recorded_wall_s(tmp_path) is None  # nothing recorded
+    log = "[2026-01-02 10:00:00,250][x][INFO] - start\nstep\n[2026-01-02 10:06:30,750][x][INFO] - written\n"
+    (tmp_path / "train.log").write_text(log)
+    assert recorded_wall_s(tmp_path) == pytest.approx(390.5)  # the log's span
+    (tmp_path / "train.log").write_text(log + "[2026-01-03 09:00:00,000][x][INFO] - resumed from last.ckpt at epoch 3\n")
+    assert recorded_wall_s(tmp_path) is None  # a resumed run's span includes the pause: not a training time
+    (tmp_path / "wall_time.json").write_text(json.dumps({"wall_s": 42.0}))
+    assert recorded_wall_s(tmp_path) == 42.0  # measured by the tool that trained it

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,8 @@ def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool
     if reuse and manifest_path.is_file():
         print(f"[reuse] {experiment}: {version_dir}", flush=True)
         manifest = json.loads(manifest_path.read_text())
-        timing = version_dir / "wall_time.json"
-        wall = json.loads(timing.read_text())["wall_s"] if timing.is_file() else None
-        return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": wall, "manifest": manifest}
+        return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": recorded_wall_s(version_dir),
+                "manifest": manifest}
     cmd = [sys.executable, "-m", "compatembed.train", f"experiment={experiment}", f"output_dir={version_dir}", *overrides]
     print("[train] " + " ".join(cmd[2:]), flush=True)
     started = time.perf_counter()
@@ -58,6 +59,26 @@ def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool
     manifest = json.loads(manifest_path.read_text())
     (version_dir / "wall_time.json").write_text(json.dumps({"wall_s": wall}) + "\n")
     return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": wall, "manifest": manifest}
+
+
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]", re.MULTILINE)
+
+
+def recorded_wall_s(version_dir: Path) -> float | None:
+    """How long an existing version took to train: ``wall_time.json`` (written by :func:`train`), else the span
+    of its ``train.log`` timestamps when the log shows one uninterrupted run (no resume), else None."""
+    timing = version_dir / "wall_time.json"
+    if timing.is_file():
+        return float(json.loads(timing.read_text())["wall_s"])
+    log = version_dir / "train.log"
+    if not log.is_file():
+        return None
+    text = log.read_text(errors="replace")
+    stamps = _LOG_TIME.findall(text)
+    if len(stamps) < 2 or "resumed from" in text:
+        return None
+    first, last = (datetime.strptime(f"{t}.{ms}", "%Y-%m-%d %H:%M:%S.%f") for t, ms in (stamps[0], stamps[-1]))
+    return (last - first).total_seconds()
 
 
 def evaluate(query_dir: str, gallery_dir: str, out: Path, *, overrides: list[str] = ()) -> dict[str, Any]:

@@ -30,23 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from compatembed.methods import list_methods
-from tools._runner import REPO, machine, write_json
+from tools._runner import REPO, machine, train, write_json
 
 STEPS = (("v1", "0-3"), ("v2", "0-6"), ("v3", "null"))
 
 
 def _train(name: str, experiment: str, classes: str, runs: Path, overrides: list[str], *, reuse: bool) -> dict[str, Any]:
-    """``compatembed-train`` in a subprocess; an existing complete version directory is reused."""
-    version_dir = runs / name
-    if reuse and (version_dir / "manifest.json").is_file():
-        print(f"[reuse] {name}: {version_dir}", flush=True)
-        return {"name": name, "version_dir": str(version_dir), "wall_s": None}
-    cmd = [sys.executable, "-m", "compatembed.train", f"experiment={experiment}", f"version_id={name}",
-           f"output_dir={version_dir}", f"data.classes={classes}", *overrides]
-    print("[train] " + " ".join(cmd[2:]), flush=True)
-    started = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    return {"name": name, "version_dir": str(version_dir), "wall_s": time.perf_counter() - started}
+    """One version of the chain through :func:`tools._runner.train` (an existing complete version is reused,
+    with the training time recorded when it was made)."""
+    return {"name": name, **train(experiment, runs=runs, name=name, reuse=reuse,
+                                  overrides=[f"version_id={name}", f"data.classes={classes}", *overrides])}
 
 
 def _dim(version_dir: str) -> int:
@@ -154,8 +147,18 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
             am_text = ", ".join(f"{100 * a:.1f}" for a in ams)
             lines.append(f"| {chain} | {m} | {ac_text} | {am_text} | {100 * sum(ams) / len(ams):.1f} |")
     m = summary["machine"]
+
+    def minutes(x: float | None) -> str:
+        return "?" if x is None else f"{x / 60:.1f}"
+
+    costs = [f"v1 {minutes(v1['wall_s'])}"] + [
+        f"seed {s}: {args.method} v2 {minutes(r['train_wall_s']['v2'])}, v3 {minutes(r['train_wall_s']['v3'])}, "
+        f"independent v2 {minutes(r['train_wall_s']['i2'])}, v3 {minutes(r['train_wall_s']['i3'])}"
+        for s, r in per_seed.items()]
+    lines += ["", "Training time per model in minutes, as recorded when each was trained (models reused from an "
+              "earlier invocation keep theirs; ? where none was recorded): " + "; ".join(costs) + "."]
     lines += ["", f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}; "
-              f"whole run {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "
+              f"this invocation {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "
               f"--seeds {' '.join(map(str, per_seed))}`.", ""]
     write_json(args.out / "summary.json", summary)
     (args.out / "summary.md").write_text("\n".join(lines))
