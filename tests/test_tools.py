@@ -168,3 +168,22 @@ def test_training_time_of_a_reused_version_comes_from_what_its_run_recorded(tmp_
     assert recorded_wall_s(tmp_path) is None  # a resumed run's span includes the pause: not a training time
     (tmp_path / "wall_time.json").write_text(json.dumps({"wall_s": 42.0}))
     assert recorded_wall_s(tmp_path) == 42.0  # measured by the tool that trained it
+
+
+def test_milvus_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
+    """Both backends answer the same mixed-version queries; exact search is the oracle of the recall column."""
+    import json
+
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    from tools.bench_milvus import main as bench_main
+
+    out = tmp_path / "milvus.json"
+    assert bench_main(["--gallery", "400", "--queries", "8", "--single", "3", "--factories", "Flat",
+                       "--milvus", "lite", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["backend"] for r in res["rows"]] == ["faiss", "milvus-lite (embedded)"]
+    for r in res["rows"]:  # Flat is exact on both: every exact neighbour found, the same ids on both
+        assert r["recall_at_k"] == pytest.approx(1.0) and r["same_ids_as_faiss"] == 1.0
+        assert r["routes"] == {"v1": "query:v3>v2>v1", "v2": "query:v3>v2", "v3": "direct"}
+    assert "same ids as FAISS" in out.with_suffix(".md").read_text()

@@ -5,8 +5,10 @@ One gallery of three chained versions (v3 → v2 affine, v2 → v1 prefix; made 
 the same vectors in one run. The same v3 queries are searched through both, routes and merge being
 the service's; each backend's recall@k is measured against exact search (numpy: the queries mapped
 into each space, cosine over every item, merged), next to ingest time and per-request latency
-(p50/p99 of one-query searches, in process) and the batch throughput. Milvus runs embedded
-(milvus-lite, a temporary ``.db``) unless ``--milvus-uri`` names a server.
+(p50/p99 of one-query searches, in process) and the batch throughput. Milvus targets (``--milvus``):
+``lite`` (milvus-lite embedded, a temporary ``.db``), ``standalone`` (a Milvus server process started
+here on 127.0.0.1 by :mod:`tools.milvus_server`, stopped at the end), or the URI of a running server;
+by default both ``lite`` and ``standalone``.
 
 Writes ``docs/results/milvus_bench.json`` and ``.md`` (``--out``).
 
@@ -24,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +91,18 @@ def bench_backend(svc: IndexService, name: str, factory: str, search_params: str
             "recall_at_k": recall(res.ids, exact), "routes": res.routes, "ids": res.ids}
 
 
+def _server_version(uri: str) -> str:
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri)
+    try:
+        return client.get_server_version()
+    finally:
+        client.close()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every factory through both backends; returns the JSON-ready results."""
+    """Every factory through FAISS and every Milvus target; returns the JSON-ready results."""
     rng = np.random.default_rng(args.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_milvus_"))
     d1, d2, d3 = args.dims
@@ -102,36 +115,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         start += n
     q = rng.normal(size=(args.queries, d3)).astype(np.float32)
     exact = exact_topk(q, arrays, data, args.k)
-    uri = args.milvus_uri or str(tmp / "bench.db")
-    faiss_svc = IndexService(None, max_batch=10**6)
-    milvus_svc = IndexService(None, backend="milvus", milvus_uri=uri, milvus_prefix=args.milvus_prefix,
-                              max_batch=10**6)
     rows = []
-    try:
-        for svc in (faiss_svc, milvus_svc):
+    with ExitStack() as stack:
+        services = [IndexService(None, max_batch=10**6)]
+        stack.callback(services[0].close)
+        labels = ["faiss"]
+        for target in args.milvus:
+            if target == "lite":
+                uri, label = str(tmp / "bench.db"), "milvus-lite (embedded)"
+            elif target == "standalone":
+                from tools.milvus_server import running_milvus_server
+
+                LOG.info("starting a Milvus server process")
+                uri = stack.enter_context(running_milvus_server(tmp / "server"))
+                label = "milvus standalone " + _server_version(uri)
+            else:
+                uri, label = target, "milvus at " + target
+            svc = IndexService(None, backend="milvus", milvus_uri=uri, milvus_prefix=args.milvus_prefix, max_batch=10**6)
+            stack.callback(svc.close)
+            if target not in ("lite", "standalone"):  # leave a shared server as it was
+                stack.callback(lambda svc=svc: [svc.drop_collection(f"bench{n}") for n in range(len(args.factories))])
+            services.append(svc)
+            labels.append(label)
+        for svc in services:
             for v in ("v1", "v2", "v3"):
                 svc.register_version(tmp / "versions" / v)
         for n, spec in enumerate(args.factories):
             factory, _, params = spec.partition(":")
-            pair = []
-            for svc in (faiss_svc, milvus_svc):
-                LOG.info("%s %s: loading %d items", svc.backend, factory, args.gallery)
-                pair.append(bench_backend(svc, f"bench{n}", factory, params, data, q, args.k, exact, args.single))
-            a, b = pair
-            same = float(np.mean([set(x.tolist()) == set(y.tolist()) for x, y in zip(a.pop("ids"), b.pop("ids"))]))
-            for r in pair:
-                r["same_ids_as_other_backend"] = same
-            rows += pair
-        if args.milvus_uri:
-            for n in range(len(args.factories)):
-                milvus_svc.drop_collection(f"bench{n}")  # leave a shared server as it was
-    finally:
-        faiss_svc.close()
-        milvus_svc.close()
+            group = []
+            for svc, label in zip(services, labels):
+                LOG.info("%s %s: loading %d items", label, factory, args.gallery)
+                group.append({**bench_backend(svc, f"bench{n}", factory, params, data, q, args.k, exact, args.single),
+                              "backend": label})
+            reference = group[0]["ids"]
+            for r in group:
+                r["same_ids_as_faiss"] = float(np.mean([set(x.tolist()) == set(y.tolist())
+                                                        for x, y in zip(r["ids"], reference)]))
+            for r in group:
+                r.pop("ids")
+            rows += group
     import pymilvus
 
     return {"argv": " ".join(sys.argv[1:]), "gallery": args.gallery, "split": SPLIT, "dims": dims,
-            "queries": args.queries, "k": args.k, "milvus": args.milvus_uri or "milvus-lite (temporary .db)",
+            "queries": args.queries, "k": args.k, "milvus": args.milvus,
             "pymilvus": pymilvus.__version__, "machine": {**machine(), "python_impl": platform.python_implementation()},
             "rows": rows}
 
@@ -145,16 +171,16 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         "",
         f"Gallery {res['gallery']} items split {res['split']} between v1/v2/v3 (dims {res['dims']}), "
         f"{res['queries']} v3 queries, k={res['k']}; routes and merge are the service's on both backends. "
-        f"Milvus: {res['milvus']}, pymilvus {res['pymilvus']}. Machine: {res['machine']['cpu_count']} CPUs, "
+        f"pymilvus {res['pymilvus']}. Machine: {res['machine']['cpu_count']} CPUs, "
         f"load average at start {res['machine']['load_average_at_start']}.",
         "",
-        "| backend | factory | recall@k vs exact | same ids as other backend | ingest items/s | batch QPS "
+        "| backend | factory | recall@k vs exact | same ids as FAISS | ingest items/s | batch QPS "
         "| one query p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
         lines.append(f"| {r['backend']} | {r['factory']} {r['search_params']} | {r['recall_at_k']:.4f} "
-                     f"| {r['same_ids_as_other_backend']:.3f} | {r['ingest_items_per_s']:.0f} | {r['batch_qps']:.1f} "
+                     f"| {r['same_ids_as_faiss']:.3f} | {r['ingest_items_per_s']:.0f} | {r['batch_qps']:.1f} "
                      f"| {r['single_query_ms_p50']:.2f} | {r['single_query_ms_p99']:.2f} |")
     lines += ["", "Milvus latency includes one count query per segment per search (the plan skips empty "
               "segments) and the metadata is not fetched (`include_metadata=false`)."]
@@ -171,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factories", type=lambda s: s.split(","), default=["Flat", "HNSW32:efSearch=64"],
                    help="comma-separated FACTORY[:SEARCH_PARAMS], each mapped to Milvus (Flat, HNSW<M>, IVF<n>,Flat)")
     p.add_argument("--single", type=int, default=100, help="one-query searches timed per backend")
-    p.add_argument("--milvus-uri", default=None, help="a Milvus server (default: milvus-lite in a temporary .db)")
+    p.add_argument("--milvus", nargs="+", default=["lite", "standalone"], metavar="TARGET",
+                   help="lite (embedded milvus-lite), standalone (a Milvus server process started here), or a server "
+                        "URI such as http://host:19530 (default: lite standalone)")
     p.add_argument("--milvus-prefix", default="bench_", help="prefix of the Milvus collections made")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=REPO / "docs/results/milvus_bench.json")

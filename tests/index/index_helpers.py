@@ -233,83 +233,20 @@ def milvus_service(tmp_path: Path, uri: str | None = None, **opts: Any) -> Any:
     return IndexService(None, backend="milvus", milvus_uri=str(tmp_path / "gallery.db"), **opts)
 
 
-def _reachable(uri: str, deadline: float, proc: Any = None) -> bool:
-    """Whether a Milvus server answers at ``uri`` before ``deadline`` (False early if ``proc`` exits)."""
-    import time
-
-    from pymilvus import MilvusClient
-
-    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
-        try:
-            client = MilvusClient(uri=uri, timeout=5)
-            client.list_collections()
-            client.close()
-            return True
-        except Exception:
-            time.sleep(1.0)
-    return False
-
-
-def milvus_server(root: Path, timeout_s: float = 240.0) -> Iterator[str]:
-    """Yield the URI of a Milvus server process on 127.0.0.1 for as long as the generator runs; skip if none starts.
-
-    First the standalone server of the ``milvus`` package (Milvus itself with embedded etcd and local
-    storage), else ``milvus-lite server`` (milvus-lite behind gRPC). The reasons each failed are in the
-    skip message, and the server's logs stay under ``root``.
-    """
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
-
+def milvus_server(root: Path) -> Iterator[str]:
+    """For a fixture: yield the URI of a Milvus server process on 127.0.0.1 (:mod:`tools.milvus_server`), or skip
+    with the reasons none started."""
     import pytest
 
     pytest.importorskip("pymilvus", reason="the Milvus backend is optional: pip install 'compatembed[milvus]'")
-    reasons = []
+    from tools.milvus_server import NoMilvusServer, running_milvus_server
+
+    server = running_milvus_server(root)
     try:
-        from milvus import MilvusServer  # type: ignore[import-not-found]
-    except ImportError:
-        reasons.append("the milvus package (Milvus standalone) is not installed")
-    else:
-        server = MilvusServer(wait_for_started=False)
-        server.set_base_dir(str(root / "standalone"))
-        started = False
-        try:
-            server.start()
-            server.wait_started(timeout=timeout_s * 1000)
-            started = _reachable(f"http://127.0.0.1:{server.listen_port}", time.monotonic() + 60)
-            if not started:
-                reasons.append("Milvus standalone reported healthy but took no connection")
-        except Exception as exc:  # a missing shared library, a port in use, a timeout: say which
-            reasons.append(f"Milvus standalone did not start ({type(exc).__name__}: {exc}; logs in {root})")
-        if started:
-            try:
-                yield f"http://127.0.0.1:{server.listen_port}"
-            finally:
-                server.stop()
-            return
-        server.stop()
-    exe = shutil.which("milvus-lite") or str(Path(sys.executable).with_name("milvus-lite"))
-    if not Path(exe).exists():
-        pytest.skip("no Milvus server could be started: " + "; ".join([*reasons, "milvus-lite is not installed"]))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    (root / "lite").mkdir(parents=True, exist_ok=True)
-    with open(root / "lite-server.log", "wb") as log:
-        proc = subprocess.Popen([exe, "server", "--data-dir", str(root / "lite"), "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
+        uri = server.__enter__()
+    except NoMilvusServer as exc:
+        pytest.skip(str(exc))
     try:
-        if not _reachable(uri, time.monotonic() + 60, proc):
-            reasons.append(f"milvus-lite server did not answer (log in {root / 'lite-server.log'})")
-            pytest.skip("no Milvus server could be started: " + "; ".join(reasons))
         yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        server.__exit__(None, None, None)

@@ -233,3 +233,31 @@ def test_cli_exports_to_milvus_and_back_with_the_same_answers(chain, uri, tmp_pa
     assert (s.backend, s.milvus_uri) == ("milvus", uri)
     with pytest.raises(Exception, match="needs milvus_uri"):
         _settings(build_parser().parse_args(["serve", "--backend", "milvus"]))
+
+
+def test_a_slow_search_pass_is_run_again_only_while_items_move(chain, uri, tmp_path, caplog):
+    """Every pass is slower than a grace of 1 µs: it must be served at once unless a recorded move overlaps it."""
+    import logging
+
+    svc = _register(milvus_service(tmp_path, uri, move_grace_s=1e-6), chain)
+    svc.create_collection("g")
+    svc.add("g", "v1", [1, 2, 3], np.eye(3, Chain.D1, dtype=np.float32))
+    svc.upgrade("g", "v3", [3], np.ones((1, Chain.D3), np.float32))  # a real move, ended
+    assert [end is not None for _, end in svc.store.moves("g").values()] == [True]
+    q = np.ones((1, Chain.D3), np.float32)
+
+    def reruns() -> int:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="compatembed_index.milvus.collection"):
+            res = svc.search("g", "v3", q, k=3)
+        assert sorted(res.ids[0].tolist()) == [1, 2, 3]
+        return sum("while items moved" in r.getMessage() for r in caplog.records)
+
+    assert reruns() == 0
+    svc.store.begin_move("g", 1)  # a writer moving items now, or one that died doing so
+    assert reruns() == 4  # every pass, the last one served with a warning
+    assert svc.repair("g") == 0  # nothing half moved; the dead writer's record is forgotten
+    assert reruns() == 0
+    svc.drop_collection("g")
+    assert svc.store.moves("g") == {}
+    svc.close()

@@ -2,9 +2,10 @@
 
 One Milvus collection (``<prefix>catalog``) holds key → text rows: ``version/<id>`` (the manifest),
 ``file/<id>/<path>/<n>`` (base64 chunks of its transform files), ``collection/<name>`` (the config as
-JSON) and ``alias/<name>``. Milvus needs a vector field in every collection, so each row carries a
-2-dimensional zero vector that nothing searches. Rows are written with Strong consistency and read
-back whole, so a replica that reloads the catalog sees every acknowledged change.
+JSON), ``alias/<name>`` and ``move/<gallery>/<token>`` (when a move between segments started and
+ended, so that a slow search pass knows whether one overlapped it). Milvus needs a vector field in
+every collection, so each row carries a 2-dimensional zero vector that nothing searches. Rows are
+written with Strong consistency and read back whole, so a replica that reloads the catalog sees every acknowledged change.
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ class MilvusCatalog(Catalog):
         return self.create_collection(name, config)
 
     def drop_collection(self, name: str) -> int:
-        self._delete([f"collection/{name}", *(f"alias/{a}" for a, c in self.aliases().items() if c == name)])
+        self._delete([f"collection/{name}", *(f"alias/{a}" for a, c in self.aliases().items() if c == name),
+                      *(f"move/{name}/{t}" for t in self.moves(name))])
         return self.last_seq()
 
     def collections(self) -> dict[str, dict[str, Any]]:
@@ -108,6 +110,37 @@ class MilvusCatalog(Catalog):
 
     def aliases(self) -> dict[str, str]:
         return {k.split("/", 1)[1]: v for k, v in self._prefixed("alias/").items()}
+
+    # -- moves in flight ---------------------------------------------------------------------------------
+    def begin_move(self, gallery: str, token: int) -> None:
+        """Record that a move of items between ``gallery``'s segments starts now (before its first write)."""
+        self._put({f"move/{gallery}/{token}": json.dumps({"start_ns": time.time_ns(), "end_ns": None})})
+
+    def end_move(self, gallery: str, token: int, *, keep_s: float = 60.0) -> None:
+        """Record that the move ``token`` ended now (after its last delete), and forget this gallery's moves
+        that ended more than ``keep_s`` ago."""
+        now = time.time_ns()
+        moves = self.moves(gallery)
+        start = moves.get(token, (now, None))[0]
+        self._put({f"move/{gallery}/{token}": json.dumps({"start_ns": start, "end_ns": now})})
+        self._delete([f"move/{gallery}/{t}" for t, (_, end) in moves.items()
+                      if end is not None and end < now - int(keep_s * 1e9)])
+
+    def moves(self, gallery: str) -> dict[int, tuple[int, int | None]]:
+        """Recorded moves of ``gallery``: token → (start, end or None while in flight), nanoseconds since the epoch."""
+        head = f"move/{gallery}/"
+        out = {}
+        for key, value in self._prefixed(head).items():
+            if key.startswith(head):  # `like` may treat characters of the name as wildcards
+                record = json.loads(value)
+                out[int(key[len(head):])] = (int(record["start_ns"]), record["end_ns"])
+        return out
+
+    def forget_moves(self, gallery: str, started_before_ns: int) -> int:
+        """Drop ``gallery``'s move records that started before ``started_before_ns`` (after a repair); returns how many."""
+        old = [t for t, (start, _) in self.moves(gallery).items() if start < started_before_ns]
+        self._delete([f"move/{gallery}/{t}" for t in old])
+        return len(old)
 
     def last_seq(self) -> int:
         """Nanoseconds since the epoch: replicas share no counter, so sequence numbers are times."""

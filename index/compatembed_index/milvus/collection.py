@@ -59,7 +59,8 @@ class MilvusCollection(RoutedCollection):
         super().__init__(name, config, registry, store, max_k=max_k, max_batch=max_batch, limits=limits,
                          batch_searches=batch_searches)
         self.client = client
-        self.spaces = GallerySpaces(client, prefix, name, move_grace_s=move_grace_s)
+        moves = store if hasattr(store, "begin_move") else None  # the shared MilvusCatalog records moves
+        self.spaces = GallerySpaces(client, prefix, name, move_grace_s=move_grace_s, moves=moves)
         for f in {config.factory, *config.factories.values()}:
             milvus_index(f, config.search_params)  # refuse what Milvus cannot build before anything is stored
 
@@ -103,7 +104,7 @@ class MilvusCollection(RoutedCollection):
     def _search_pass(self, version: str, q: np.ndarray, k: int, allow_partial: bool,
                      include_metadata: bool) -> _Batch:
         for attempt in range(MAX_PASSES):
-            t0 = time.monotonic()
+            t0, started_ns = time.monotonic(), time.time_ns()
             plans, skipped = self._plan(version, allow_partial)
             depth = k
             while True:
@@ -114,10 +115,10 @@ class MilvusCollection(RoutedCollection):
                     break
                 depth = min(2 * depth, MAX_TOPK)  # a move in flight took slots: search deeper
             took = time.monotonic() - t0
-            if took <= self.spaces.move_grace_s:
+            if took <= self.spaces.move_grace_s or not self.spaces.moved_during(started_ns, time.time_ns()):
                 break
-            _logger.warning("%s: search pass %d took %.3fs, longer than the move grace %.3fs%s", self.name,
-                            attempt + 1, took, self.spaces.move_grace_s,
+            _logger.warning("%s: search pass %d took %.3fs, longer than the move grace %.3fs, while items moved%s",
+                            self.name, attempt + 1, took, self.spaces.move_grace_s,
                             ": run again" if attempt + 1 < MAX_PASSES else ": served (raise move_grace_s)")
         names = [p.version for p in plans]
         raw = None

@@ -14,7 +14,8 @@ atomically. A move therefore (1) upserts the item into its new space with a newe
 (3) a search can meet the item twice: the merge keeps one hit per id
 (:func:`~compatembed_index.merge.drop_duplicate_ids`). A search could miss it only if it read the new
 space before (1) and the old one after (3); a search pass whose reads span less than ``move_grace_s``
-cannot, and a pass that took longer is run again (:class:`~compatembed_index.milvus.collection.MilvusCollection`).
+cannot. A move is recorded in the catalog from before (1) to after (3), so a pass that took longer is
+run again only when a recorded move overlapped it (:class:`~compatembed_index.milvus.collection.MilvusCollection`).
 A writer that dies between (1) and (3) leaves two rows: :meth:`GallerySpaces.locate` believes the
 newer sequence number, and :meth:`GallerySpaces.repair` deletes the older row.
 """
@@ -126,11 +127,15 @@ class GallerySpaces:
         prefix: namespace of this deployment's Milvus collections.
         gallery: the gallery (service collection) name.
         move_grace_s: wait between inserting moved items in their new space and deleting them from the
-            old one; searches whose reads span longer are run again.
+            old one; searches whose reads span longer are run again if a move overlapped them.
+        moves: where moves are recorded (the service's :class:`~compatembed_index.milvus.catalog.MilvusCatalog`);
+            without it every slow search pass counts as overlapping a move.
     """
 
-    def __init__(self, client: Any, prefix: str, gallery: str, *, move_grace_s: float = 0.5) -> None:
+    def __init__(self, client: Any, prefix: str, gallery: str, *, move_grace_s: float = 0.5,
+                 moves: Any = None) -> None:
         self.client, self.prefix, self.gallery, self.move_grace_s = client, prefix, gallery, move_grace_s
+        self.moves = moves  # MilvusCatalog (begin_move/end_move/moves), shared by the replicas; None: not recorded
         self._head = prefix + _escape(gallery) + SEP
         self._seq_lock = threading.Lock()
         self._last_seq = 0
@@ -299,18 +304,34 @@ class GallerySpaces:
                 known.update(self.metadata(v, vids))
             meta = [known.get(i) for i in ids.tolist()]
         seq = self.next_seq()
-        self._upsert((version,), ids, x, seq, meta)
-        for (s, t), y in forwarded.items():
-            self._upsert((s, t), ids, y, seq, None)
         stale: dict[str, list[int]] = {}
         for i, hs in holders.items():
             for v, _ in hs:
                 if v != version:
                     stale.setdefault(v, []).append(i)
-        if stale:
-            time.sleep(self.move_grace_s)  # searches that began before the upsert finish before the delete
-            self.remove_from(stale)
+        moving = bool(stale) and self.moves is not None
+        if moving:
+            self.moves.begin_move(self.gallery, seq)  # before the first write: a slow search pass will see it
+        try:
+            self._upsert((version,), ids, x, seq, meta)
+            for (s, t), y in forwarded.items():
+                self._upsert((s, t), ids, y, seq, None)
+            if stale:
+                time.sleep(self.move_grace_s)  # searches that began before the upsert finish before the delete
+                self.remove_from(stale)
+        finally:
+            if moving:
+                self.moves.end_move(self.gallery, seq)
         return seq
+
+    def moved_during(self, start_ns: int, end_ns: int) -> bool:
+        """Whether a recorded move overlapped ``[start_ns, end_ns]`` (wall clock, widened by the grace for clock
+        differences between replicas); True when moves are not recorded here."""
+        if self.moves is None:
+            return True
+        slack = int(self.move_grace_s * 1e9)
+        return any(start <= end_ns + slack and (end is None or end >= start_ns - slack)
+                   for start, end in self.moves.moves(self.gallery).values())
 
     def remove_from(self, stale: dict[str, list[int]]) -> None:
         """Delete ``ids`` from each version's segment and from that segment's copies."""
@@ -345,7 +366,9 @@ class GallerySpaces:
         return n
 
     def repair(self) -> int:
-        """Delete the older row of every item found in two segments (a move cut short); returns how many."""
+        """Delete the older row of every item found in two segments (a move cut short) and forget the moves
+        recorded as started before the repair (run it when no writer is moving items); returns rows deleted."""
+        began = time.time_ns()
         seen: dict[int, tuple[str, int]] = {}
         stale: dict[str, list[int]] = {}
         for key in self.keys():
@@ -367,4 +390,6 @@ class GallerySpaces:
             finally:
                 it.close()
         self.remove_from(stale)
+        if self.moves is not None:  # the dead writers' moves are finished now
+            self.moves.forget_moves(self.gallery, began)
         return sum(len(v) for v in stale.values())
