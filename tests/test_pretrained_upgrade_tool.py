@@ -72,7 +72,10 @@ def test_render_names_every_row_and_the_cost_of_re_embedding(tmp_path: Path) -> 
                "costs": {"extraction": {"new": extraction,
                                         "old": {**extraction, "images_per_s": 25.0, "input_size": [3, 224, 224]}},
                          "gallery_size": 10000, "reembed_gallery_s": 10000 / 12.8, "reembed_per_million_h": 1e6 / 12.8 / 3600,
-                         "fct_upgrade": {"vectors": 10000, "seconds": 0.05, "vectors_per_s": 2e5}, "prefix_caches": caches}}
+                         "fct_upgrade": {"vectors": 10000, "seconds": 0.05, "vectors_per_s": 2e5}, "prefix_caches": caches,
+                         "prefix_cache_fidelity": {"version_id": "pretrained_upgrade_bct", "images": 512,
+                                                   "cosine_min": 0.99912, "cosine_mean": 0.999987,
+                                                   "same_nearest_neighbour": 0.9805, "same_top10_neighbours": 0.9712}}}
     md = render(payload)
     assert "Old/old (Lite0 searching its own gallery): top-1 60.0" in md
     assert ("| OCA (last stage + head) | compatible training | 69.0 / 59.0 | 62.0 / 52.0 | yes / yes | 0.20 / 0.40 "
@@ -80,3 +83,29 @@ def test_render_names_every_row_and_the_cost_of_re_embedding(tmp_path: Path) -> 
     assert "[report](pretrained_upgrade/oca/report.md)" in md and "| BT² | failed: exit status 2 of: x |" in md
     assert "**13.0 min**" in md and "21.7 h per million images" in md  # 10,000 images at 12.8 images/s
     assert "10.0 |" in md and "8.3 |" in md  # the prefix cache's build minutes and rate
+    assert "mean 0.999987, min 0.999120" in md and "unchanged for 98.0% of the images" in md
+
+
+@pytest.mark.parametrize("dtype,floor", [("float32", 1 - 1e-6), ("float16", 0.99)])
+def test_cache_fidelity_compares_cached_embeddings_with_embedding_the_images(tmp_path: Path, dtype: str,
+                                                                               floor: float) -> None:
+    """A tiny frozen-prefix version (timm's test EfficientNet, generated images): float32 caching changes nothing,
+    float16 a little; the fields the results quote are filled."""
+    from compatembed.cli import compose_config
+    from compatembed.training.run import train
+    from tools.run_pretrained_upgrade import measure_cache_fidelity
+
+    cfg = compose_config("train", [
+        "data=synthetic", "trainer.progress=false", "logger=csv", "trainer.num_threads=1", "data.loader.batch_size=16",
+        "model=efficientnet_lite2_last_stage", "model.backbone.backbone.name=timm",
+        "+model.backbone.backbone.model_name=test_efficientnet", "model.backbone.backbone.weights=null",
+        "model.backbone.backbone.input_size=[3,32,32]", "model.backbone.backbone.crop_pct=1.0",
+        f"model.backbone.cache_dtype={dtype}", "model.embed_dim=16", "trainer.epochs=1",
+        f"output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    out = train(cfg)
+    fid = measure_cache_fidelity(str(out), cfg.data, images=12, batch_size=8, device="cpu")
+    assert fid["images"] == 12 and fid["version_id"] == cfg.version_id
+    assert floor <= fid["cosine_min"] <= fid["cosine_mean"] <= 1 + 1e-6
+    assert 0.0 <= fid["same_nearest_neighbour"] <= 1.0 and 0.0 <= fid["same_top10_neighbours"] <= 1.0
+    if dtype == "float32":
+        assert fid["same_nearest_neighbour"] == 1.0

@@ -175,6 +175,53 @@ def measure_forward_upgrade(fct_dir: str, old_dir: str, data_cfg: Any) -> dict[s
     return {"vectors": len(old), "seconds": seconds, "vectors_per_s": len(old) / max(seconds, 1e-9)}
 
 
+def measure_cache_fidelity(version_dir: str, data_cfg: Any, *, images: int, batch_size: int,
+                           device: str) -> dict[str, Any]:
+    """What the float16 prefix cache changes in a frozen-prefix version's embeddings.
+
+    Its test embeddings as evaluated (from the cached prefix output, float16) against the last ``images``
+    test images embedded from scratch in float32 by the same model: per-item cosine, and how often an
+    item's nearest neighbour (and its 10 nearest) within the sample stay the same.
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import Subset
+
+    from compatembed.data import Preprocessing, build_dataset, build_transform
+    from compatembed.embeddings import embed_dataset, load_or_extract
+    from compatembed.hardware import resolve_device
+    from compatembed.models.version import load_model_version
+
+    cached = load_or_extract(version_dir, data_cfg, "test", prefix_cache=True, progress=False, batch_size=batch_size)
+    loaded = load_model_version(version_dir)
+    torch_device = resolve_device(device)
+    dataset = build_dataset(data_cfg, "test",
+                            transform=build_transform(Preprocessing.from_dict(loaded.manifest["preprocessing"]), train=False))
+    n = min(images, len(dataset))
+    positions = list(range(len(dataset) - n, len(dataset)))
+    fresh = embed_dataset(loaded.model.to(torch_device), Subset(dataset, positions), batch_size=batch_size,
+                          device=torch_device, progress=False).embeddings
+    ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)[positions]
+    row_of = {int(i): r for r, i in enumerate(cached.ids.tolist())}
+    stored = cached.embeddings[[row_of[int(i)] for i in ids]]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+    a, b = unit(stored.astype(np.float64)), unit(fresh.astype(np.float64))
+    cosine = (a * b).sum(1)
+    neighbours = []
+    for x in (a, b):
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        neighbours.append(np.argsort(-sim, axis=1, kind="stable")[:, :10])
+    same_top10 = np.mean([len(set(p) & set(q)) / 10 for p, q in zip(*neighbours)])
+    same_top1 = float(np.mean(neighbours[0][:, 0] == neighbours[1][:, 0]))
+    return {"version_id": loaded.version_id, "images": n, "cosine_min": float(cosine.min()),
+            "cosine_mean": float(cosine.mean()), "same_nearest_neighbour": same_top1,
+            "same_top10_neighbours": float(same_top10), "torch_threads": torch.get_num_threads()}
+
+
 def prefix_caches(cache_dir: Path) -> list[dict[str, Any]]:
     """What each prefix cache under ``cache_dir`` holds and what building it cost (read from its meta.json)."""
     found = []
@@ -310,6 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     if fct is not None:
         costs["fct_upgrade"] = measure_forward_upgrade(str(REPO / fct["version_dir"]), old_dir, composed.data)
     costs["prefix_caches"] = prefix_caches(cache_dir)
+    frozen = next((r for r in payload["rows"] if r["kind"] == "compatible training"), None)
+    if frozen is not None:
+        print(f"[measure] float16 prefix cache against images: {frozen['version_dir']}", flush=True)
+        costs["prefix_cache_fidelity"] = measure_cache_fidelity(str(REPO / frozen["version_dir"]), composed.data,
+                                                                images=args.throughput_images, batch_size=batch,
+                                                                device=device)
     payload["costs"] = costs
     write()
     return 1 if payload["failed"] else 0
@@ -398,6 +451,13 @@ def render(payload: dict[str, Any]) -> str:
             for c in costs["prefix_caches"]:
                 lines.append(f"| {c['architecture']} `{Path(c['directory']).name}` | {c['items']} | {c['shape'][1:]} "
                              f"| {c['dtype']} | {c['size_mb']} | {_minutes(c['build_s'])} | {c['images_per_s']} |")
+        fid = costs.get("prefix_cache_fidelity")
+        if fid:
+            lines += ["", f"What the float16 prefix cache changes ({fid['version_id']}, the last {fid['images']} test "
+                      "images embedded from scratch in float32 against its evaluated embeddings): cosine between the two "
+                      f"embeddings of an image mean {fid['cosine_mean']:.6f}, min {fid['cosine_min']:.6f}; nearest "
+                      f"neighbour within the sample unchanged for {100 * fid['same_nearest_neighbour']:.1f}% of the "
+                      f"images, top-10 neighbours {100 * fid['same_top10_neighbours']:.1f}% the same."]
     m = payload["machine"]
     old_info = payload.get("old", {})
     lines += [
