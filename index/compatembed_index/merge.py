@@ -8,8 +8,10 @@ served or ranked.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from functools import partial
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,14 +46,19 @@ class SearchPlan:
     calib: tuple[float, float] | None
 
 
-def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Search every plan with its (mapped) queries and merge: (Q, k) scores, ids and plan index per hit."""
+def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int, *,
+                 run: Callable[[list[Callable[[], Any]]], list[Any]] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search every plan with its (mapped) queries and merge: (Q, k) scores, ids and plan index per hit.
+
+    ``run`` calls the per-segment searches and returns their results in order: one after the other by
+    default (FAISS parallelises inside each search); a remote backend passes one that runs them at once.
+    """
     nq = len(q)
     if not plans:
         return (np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64), np.zeros((nq, k), np.int64))
     cache: dict[int, np.ndarray] = {}
-    ds, is_, cs = [], [], []
-    for n, p in enumerate(plans):
+    mapped = []
+    for p in plans:
         if p.route is None:
             qt = q
         else:
@@ -64,8 +71,11 @@ def search_plans(plans: list[SearchPlan], q: np.ndarray, k: int) -> tuple[np.nda
                     raise InvalidInputError(f"{what}: row {int(np.flatnonzero(~finite)[0])} is not finite")
                 if p.segment.metric == "l2":
                     check_norms(qt, what=what)
-        kk = min(k, p.segment.ntotal)
-        d, i = p.segment.search(qt, kk)
+        mapped.append(qt)
+    calls = [partial(p.segment.search, qt, min(k, p.segment.ntotal)) for p, qt in zip(plans, mapped)]
+    results = run(calls) if run is not None else [call() for call in calls]
+    ds, is_, cs = [], [], []
+    for n, (p, (d, i)) in enumerate(zip(plans, results)):
         if p.calib is not None:
             d = np.where(i >= 0, d * p.calib[0] + p.calib[1], -np.inf).astype(np.float32)
         if not np.isfinite(d[i >= 0]).all():

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -37,6 +40,23 @@ MAX_TOPK = 16_384
 """Milvus servers cap a search's top-k here."""
 MAX_PASSES = 4
 """Search passes tried before a pass slower than the move grace is served anyway (it is logged)."""
+
+
+_CALLS: ThreadPoolExecutor | None = None
+_CALLS_LOCK = threading.Lock()
+
+
+def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Results of ``calls`` in order, made at once on a shared pool of threads: each Milvus call of a search
+    pass (a count, a segment search, a metadata query) mostly waits, with Strong consistency, for the
+    server's next time tick, so a pass over three segments costs one wait per round, not three."""
+    global _CALLS
+    if len(calls) <= 1:
+        return [call() for call in calls]
+    with _CALLS_LOCK:
+        if _CALLS is None:
+            _CALLS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="milvus-call")
+    return [f.result() for f in [_CALLS.submit(call) for call in calls]]
 
 
 class MilvusCollection(RoutedCollection):
@@ -79,7 +99,8 @@ class MilvusCollection(RoutedCollection):
         and on milvus-lite a search limited to the counts read at plan time missed moved items during a
         backfill (seen in the backfill test; a count read mid-upsert is the suspect, not yet isolated)."""
         wanted = {tuple(p) for p in self.config.materialised}
-        found = [(key, self.spaces.count(key)) for key in self.spaces.keys() if key[-1] in self.registry]
+        keys = [key for key in self.spaces.keys() if key[-1] in self.registry]
+        found = list(zip(keys, concurrently([partial(self.spaces.count, key) for key in keys])))
         segments: dict[str, Searchable] = {}
         copies: dict[tuple[str, str], Searchable] = {}
         for key, n in found:
@@ -108,7 +129,7 @@ class MilvusCollection(RoutedCollection):
             plans, skipped = self._plan(version, allow_partial)
             depth = k
             while True:
-                scores, ids, cols = search_plans(plans, q, depth)
+                scores, ids, cols = search_plans(plans, q, depth, run=concurrently)
                 full = bool((ids[:, -1] >= 0).any())  # some row filled every slot: there may be more
                 scores, ids, cols, lost = drop_duplicate_ids(scores, ids, cols, k)
                 if not lost or not full or depth >= MAX_TOPK:
@@ -132,8 +153,8 @@ class MilvusCollection(RoutedCollection):
             if i >= 0:
                 by_v.setdefault(names[c], []).append(i)
         meta: dict[int, str | None] = {}
-        for v, vids in by_v.items():
-            meta.update(self.spaces.metadata(v, sorted(set(vids))))
+        for found in concurrently([partial(self.spaces.metadata, v, sorted(set(vids))) for v, vids in by_v.items()]):
+            meta.update(found)
         missing = sorted({i for vids in by_v.values() for i in vids} - set(meta))
         if missing:  # moved since the search: read it where it is now
             arr = np.array(missing, np.int64)
