@@ -310,8 +310,8 @@ class Collection(RoutedCollection):
             self.applied_seq = self.store.update_collection(self.name, self.config.to_dict())
 
     # -- search (routing: RoutedCollection) ---------------------------------------------------------
-    def _views(self) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
-        return self.segments, self.copies  # type: ignore[return-value]
+    def _views(self, reachable_from: str | None = None) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
+        return self.segments, self.copies  # type: ignore[return-value]  # counts are free here: always exact
 
     def _search_pass(self, version: str, q: np.ndarray, k: int, allow_partial: bool,
                      include_metadata: bool) -> _Batch:

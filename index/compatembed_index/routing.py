@@ -160,8 +160,12 @@ class RoutedCollection(abc.ABC):
         self.dropped = False  # set under the write lock by IndexService.drop_collection
 
     @abc.abstractmethod
-    def _views(self) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
-        """What a search can reach now: segments by version, forward copies by (source, target)."""
+    def _views(self, reachable_from: str | None = None) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
+        """What a search can reach now: segments by version, forward copies by (source, target).
+
+        With ``reachable_from`` a backend whose counts are costly may leave out the count of segments that
+        queries of that version can reach: it gives them as non-empty, and they are searched whatever
+        their size. Without it every segment's emptiness is exact."""
 
     @abc.abstractmethod
     def _search_pass(self, version: str, q: np.ndarray, k: int, allow_partial: bool,
@@ -230,9 +234,11 @@ class RoutedCollection(abc.ABC):
                 _logger.info("%s: calibration of %s dropped: its route changed from %s to %s (calibrate it again)",
                              self.name, key, how, after.get(key))
 
-    def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True) -> tuple[list[SearchPlan], list[str]]:
-        """One route per non-empty segment for queries of ``qv`` (see the module docstring)."""
-        segments, copies = self._views()
+    def _plan(self, qv: str, allow_partial: bool, *, calibrated: bool = True,
+              lazy_counts: bool = False) -> tuple[list[SearchPlan], list[str]]:
+        """One route per non-empty segment for queries of ``qv`` (see the module docstring); with ``lazy_counts``
+        segments that ``qv`` can reach may be planned while empty (see :meth:`_views`)."""
+        segments, copies = self._views(qv if lazy_counts else None)
         plans: list[SearchPlan] = []
         skipped: list[str] = []
         for v in sorted(segments):

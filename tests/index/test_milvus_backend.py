@@ -261,3 +261,21 @@ def test_a_slow_search_pass_is_run_again_only_while_items_move(chain, uri, tmp_p
     svc.drop_collection("g")
     assert svc.store.moves("g") == {}
     svc.close()
+
+
+def test_an_emptied_segment_takes_no_route_and_an_unreachable_one_is_refused_alike(chain, uri, tmp_path):
+    """Milvus plans reachable segments without counting them: an empty one must still not show as a route,
+    and a segment the queries cannot reach must be refused as in FAISS (that one is counted)."""
+    from compatembed_index.errors import NoRouteError
+
+    answers = []
+    for svc in (_register(IndexService(None), chain), _register(milvus_service(tmp_path, uri), chain)):
+        svc.create_collection("g")
+        svc.add("g", "v1", [1, 2], np.eye(2, Chain.D1, dtype=np.float32))
+        svc.upgrade("g", "v3", [1, 2], np.eye(2, Chain.D3, dtype=np.float32))  # v1 is empty now
+        res = svc.search("g", "v3", np.eye(1, Chain.D3, dtype=np.float32), k=2)
+        with pytest.raises(NoRouteError) as refused:
+            svc.search("g", "v1", np.ones((1, Chain.D1), np.float32), k=2)  # v1 queries cannot reach v3
+        answers.append((res.routes, sorted(res.ids[0].tolist()), str(refused.value)))
+        svc.close()
+    assert answers[0] == answers[1] and answers[0][0] == {"v3": "direct"}

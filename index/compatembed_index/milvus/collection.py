@@ -93,21 +93,31 @@ class MilvusCollection(RoutedCollection):
         kind, build, _ = self._index(key[-1])
         self.spaces.ensure(key, v.dim, v.metric, (kind, build))
 
-    def _views(self) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
+    def _views(self, reachable_from: str | None = None) -> tuple[dict[str, Searchable], dict[tuple[str, str], Searchable]]:
         """Non-empty segments and wanted copies. A view's ``ntotal`` is :data:`MAX_TOPK`, not its count, so
         the merge asks each segment for the full k: items may move into a segment while the pass runs,
         and on milvus-lite a search limited to the counts read at plan time missed moved items during a
-        backfill (seen in the backfill test; a count read mid-upsert is the suspect, not yet isolated)."""
+        backfill (seen in the backfill test; a count read mid-upsert is the suspect, not yet isolated).
+
+        With ``reachable_from`` only the segments its queries cannot reach are counted (a Strong count
+        waits for the server's time tick, about a second per round on a standalone server here); the
+        others are given as non-empty, searched whatever their size, and marked ``counted=False``."""
         wanted = {tuple(p) for p in self.config.materialised}
         keys = [key for key in self.spaces.keys() if key[-1] in self.registry]
-        found = list(zip(keys, concurrently([partial(self.spaces.count, key) for key in keys])))
+
+        def reachable(v: str) -> bool:
+            return reachable_from is not None and (v == reachable_from or self.registry.query_route(reachable_from, v)
+                                                   is not None)
+
+        to_count = [key for key in keys if len(key) == 1 and not reachable(key[0])]
+        counts = dict(zip(to_count, concurrently([partial(self.spaces.count, key) for key in to_count])))
         segments: dict[str, Searchable] = {}
         copies: dict[tuple[str, str], Searchable] = {}
-        for key, n in found:
+        for key in keys:
             v = self.registry.get(key[-1])
             view = MilvusSpace(self.client, self.spaces.name(key), v.dim, v.metric, MAX_TOPK,
-                               self._index(key[-1])[2])
-            if len(key) == 1 and n > 0:
+                               self._index(key[-1])[2], counted=key in counts)
+            if len(key) == 1 and counts.get(key, 1) > 0:
                 segments[key[0]] = view
             elif len(key) == 2 and key in wanted:
                 copies[(key[0], key[1])] = view
@@ -126,7 +136,7 @@ class MilvusCollection(RoutedCollection):
                      include_metadata: bool) -> _Batch:
         for attempt in range(MAX_PASSES):
             t0, started_ns = time.monotonic(), time.time_ns()
-            plans, skipped = self._plan(version, allow_partial)
+            plans, skipped = self._plan(version, allow_partial, lazy_counts=True)
             depth = k
             while True:
                 scores, ids, cols = search_plans(plans, q, depth, run=concurrently)
@@ -145,7 +155,9 @@ class MilvusCollection(RoutedCollection):
         raw = None
         if include_metadata:
             raw = self._hit_metadata(ids, cols, names)
-        return _Batch(scores, ids, cols, names, {p.version: p.how for p in plans}, skipped, raw)
+        # a segment planned without its count that answered nothing was empty: it took no route (as in FAISS)
+        routes = {p.version: p.how for p in plans if p.segment.counted or p.segment.answered}
+        return _Batch(scores, ids, cols, names, routes, skipped, raw)
 
     def _hit_metadata(self, ids: np.ndarray, cols: np.ndarray, names: list[str]) -> list[list[str | None]]:
         by_v: dict[str, list[int]] = {}

@@ -96,9 +96,12 @@ def milvus_index(factory: str, search_params: str) -> tuple[str, dict[str, Any],
 class MilvusSpace:
     """One Milvus collection searched like a FAISS segment (:class:`~compatembed_index.merge.Searchable`)."""
 
-    def __init__(self, client: Any, name: str, dim: int, metric: str, ntotal: int, params: dict[str, Any]) -> None:
+    def __init__(self, client: Any, name: str, dim: int, metric: str, ntotal: int, params: dict[str, Any], *,
+                 counted: bool = True) -> None:
         self.client, self.name, self.dim, self.metric, self.ntotal = client, name, dim, metric, ntotal
         self.params = params
+        self.counted = counted  # False: planned without a count (it may be empty)
+        self.answered = False  # whether a search of this view returned any hit
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of (Q, D) queries: scores higher-is-better (IP, or −squared L2 as Milvus's L2 gives)."""
@@ -116,6 +119,7 @@ class MilvusSpace:
                     ids[lo + r, j] = int(h["id"])
                     d = float(h["distance"])
                     scores[lo + r, j] = d if self.metric == "ip" else -d
+        self.answered = self.answered or bool((ids >= 0).any())
         return scores, ids
 
 
