@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tools.run_cifar10_methods import _slug, main
@@ -104,6 +106,16 @@ def test_merge_refuses_a_results_file_of_another_scenario_before_any_training(tm
         main(["--runs", str(runs), "--out", str(out), "--merge", "--methods", "oca", "--seeds", "1"])
     assert "external" in str(exc.value)
     assert not runs.exists()
+
+
+def test_merge_refuses_rows_measured_against_other_old_weights():
+    from tools.run_cifar10_methods import _same_old_model
+
+    manifest = {"version_id": "cifar10_independent_old", "files": {"model.safetensors": "ab" * 32}}
+    _same_old_model({"old_weights_sha256": "ab" * 32}, manifest, Path("x.json"))  # the same weights: fine
+    for earlier in ({"old_weights_sha256": "cd" * 32}, {}):  # retrained old model, or a file that does not say
+        with pytest.raises(SystemExit, match="would not compare"):
+            _same_old_model(earlier, manifest, Path("x.json"))
 
 
 def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):

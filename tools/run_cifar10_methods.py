@@ -196,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kept = _earlier(args.out / f"{name}.json", args.scenario) if args.merge else None  # before any training
     old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
+    if kept is not None:  # before any new model trains: rows against another old model do not mix
+        _same_old_model(kept, old["manifest"], args.out / f"{name}.json")
     linked = [f"method.old_version={old['version_dir']}"]
     rows, failed = Rows(), {}
     needed = {e.baseline for e in chosen} | ({"normalized"} if any(e.experiment == "bt2" for e in chosen) else set())
@@ -259,6 +261,17 @@ def _earlier(path: Path, scenario: str) -> dict[str, Any] | None:
     return payload
 
 
+def _same_old_model(earlier: dict[str, Any], old_manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a ``--merge`` whose earlier rows were measured against other old weights (or unrecorded ones)."""
+    theirs, ours = earlier.get("old_weights_sha256"), old_manifest["files"]["model.safetensors"]
+    if theirs != ours:
+        raise SystemExit(
+            f"--merge: the rows of {path} were measured against "
+            + (f"other old-model weights ({str(theirs)[:12]}…)" if theirs else "an old model whose weights it does not record")
+            + f", not {old_manifest['version_id']} ({ours[:12]}…): their old/old, gains and baselines would not "
+            "compare; run every row again without --merge")
+
+
 def merged(earlier: dict[str, Any] | None, rows: Rows, failed: dict[str, str]) -> tuple[Rows, dict[str, str], list[str]]:
     """This invocation's rows over an earlier results file's: a (method, seed) measured now replaces the earlier one.
 
@@ -305,6 +318,7 @@ def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows,
         "commands": [*commands, command],
         "machine": machine(),
         "old_version": old["manifest"]["version_id"],
+        "old_weights_sha256": old["manifest"]["files"]["model.safetensors"],
         "old_wall_s": old["wall_s"],
         "methods": [aggregate(label, rows.baseline_of[label], seeds) for label, seeds in rows.seeds.items()],
         "per_seed": rows.seeds,
