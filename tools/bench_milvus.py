@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -117,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     exact = exact_topk(q, arrays, data, args.k)
     rows = []
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)  # last: after the services and the server stopped
         services = [IndexService(None, max_batch=10**6)]
         stack.callback(services[0].close)
         labels = ["faiss"]
