@@ -28,7 +28,7 @@ from compatembed_index.errors import (
 )
 from compatembed_index.limits import Limits
 from compatembed_index.merge import Searchable, drop_duplicate_ids, search_plans
-from compatembed_index.milvus.spaces import META_BYTES, GallerySpaces, MilvusSpace, milvus_index
+from compatembed_index.milvus.spaces import META_BYTES, GallerySpaces, MilvusSpace, MoveLog, milvus_index
 from compatembed_index.registry import VersionRegistry
 from compatembed_index.routing import CollectionConfig, RoutedCollection, _Batch
 from compatembed_index.store import Catalog
@@ -79,7 +79,7 @@ class MilvusCollection(RoutedCollection):
         super().__init__(name, config, registry, store, max_k=max_k, max_batch=max_batch, limits=limits,
                          batch_searches=batch_searches)
         self.client = client
-        moves = store if hasattr(store, "begin_move") else None  # the shared MilvusCatalog records moves
+        moves = store if isinstance(store, MoveLog) else None  # the shared MilvusCatalog records moves
         self.spaces = GallerySpaces(client, prefix, name, move_grace_s=move_grace_s, moves=moves)
         for f in {config.factory, *config.factories.values()}:
             milvus_index(f, config.search_params)  # refuse what Milvus cannot build before anything is stored

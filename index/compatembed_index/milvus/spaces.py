@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -38,6 +38,24 @@ _logger = logging.getLogger(__name__)
 
 _ESCAPES = {"_": "_u", ".": "_d", "-": "_h"}
 SEP = "_x"  # never produced by the escapes, so names split back unambiguously
+
+
+@runtime_checkable
+class MoveLog(Protocol):
+    """Where moves in flight are recorded, shared by every replica of the service (the service's
+    :class:`~compatembed_index.milvus.catalog.MilvusCatalog` is one). Times are nanoseconds since the epoch."""
+
+    def begin_move(self, gallery: str, token: int) -> None:
+        """Record that move ``token`` starts now, before its first write."""
+
+    def end_move(self, gallery: str, token: int) -> None:
+        """Record that move ``token`` ended now, after its last delete."""
+
+    def moves(self, gallery: str) -> dict[int, tuple[int, int | None]]:
+        """token → (start, end or None while in flight)."""
+
+    def forget_moves(self, gallery: str, started_before_ns: int) -> int:
+        """Drop the records of moves that started before ``started_before_ns``; returns how many."""
 MAX_NAME = 255
 WRITE_ROWS = 2048  # rows per insert/upsert message (gRPC messages are capped at 64 MiB)
 QUERY_IDS = 4096  # ids per `id in [...]` query (a query answers at most 16,384 rows)
@@ -137,9 +155,9 @@ class GallerySpaces:
     """
 
     def __init__(self, client: Any, prefix: str, gallery: str, *, move_grace_s: float = 0.5,
-                 moves: Any = None) -> None:
+                 moves: MoveLog | None = None) -> None:
         self.client, self.prefix, self.gallery, self.move_grace_s = client, prefix, gallery, move_grace_s
-        self.moves = moves  # MilvusCatalog (begin_move/end_move/moves), shared by the replicas; None: not recorded
+        self.moves = moves  # None: moves are not recorded
         self._head = prefix + _escape(gallery) + SEP
         self._seq_lock = threading.Lock()
         self._last_seq = 0
