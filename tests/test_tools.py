@@ -199,3 +199,34 @@ def test_milvus_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
         assert r["recall_at_k"] == pytest.approx(1.0) and r["same_ids_as_faiss"] == 1.0
         assert r["routes"] == {"v1": "query:v3>v2>v1", "v2": "query:v3>v2", "v3": "direct"}
     assert "same ids as FAISS" in out.with_suffix(".md").read_text()
+
+
+def _report(old: float, new: float, cross: float) -> dict:
+    def entry(query: str, gallery: str, v: float) -> dict:
+        return {"query": query, "gallery": gallery, "top1": v, "top5": v + 0.1, "mAP": v - 0.1, "mAP@R": v - 0.2,
+                "route": "query: prefix" if query != gallery else "same version"}
+
+    return {"query_version": "cifar10_oca_s1", "pairs": [entry("old", "old", old), entry("new", "new", new),
+                                                         entry("new", "old", cross)],
+            "compatible": {"top1": cross > old, "mAP": cross > old}}
+
+
+def test_a_seed_row_is_measured_against_the_old_model_and_its_baseline():
+    from tools.run_cifar10_methods import summarise
+
+    row = summarise(1, _report(0.40, 0.60, 0.50), {"top1": 0.65, "mAP": 0.55}, 1.1, 300.0, 900.0)
+    assert row["new/old"] == {"top1": 0.50, "top5": 0.60, "mAP": 0.40, "mAP@R": 0.30}
+    assert row["route"] == "query: prefix" and row["compatible"] == {"top1": True, "mAP": True}
+    # (new/old − old/old) / (baseline − old/old), on each metric's own numbers
+    assert row["update_gain"]["top1"] == pytest.approx(0.10 / 0.25)
+    assert row["update_gain"]["mAP"] == pytest.approx(0.10 / 0.25)
+    assert row["new_new_minus_baseline"]["top1"] == pytest.approx(-0.05)
+    assert summarise(1, _report(0.40, 0.60, 0.50), {"top1": 0.30, "mAP": 0.30}, None, None, None)[
+        "update_gain"] == {"top1": None, "mAP": None}  # a baseline below the old model leaves no gain to share
+
+
+def test_a_report_without_the_asked_pair_names_it():
+    from tools._runner import pair
+
+    with pytest.raises(KeyError, match="new/old"):
+        pair({"pairs": []}, "new", "old")

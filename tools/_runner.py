@@ -89,6 +89,26 @@ def evaluate(query_dir: str, gallery_dir: str, out: Path, *, overrides: list[str
     return json.loads((out / "report.json").read_text())
 
 
+METRICS = ("top1", "top5", "mAP", "mAP@R")
+"""The retrieval metrics the evidence tools keep of every pair."""
+
+
+def pair(report: dict[str, Any], query: str, gallery: str) -> dict[str, Any]:
+    """The ``(query, gallery)`` entry of a ``compatembed-eval`` report ("old"/"new" name the two versions)."""
+    found = [p for p in report["pairs"] if p["query"] == query and p["gallery"] == gallery]
+    if not found:
+        raise KeyError(f"the report has no {query}/{gallery} pair")
+    return found[0]
+
+
+def compatibility_pairs(report: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
+    """The three pairs a compatibility row shows (old/old, new/new, new/old, with ``metrics``), the route new
+    queries took to the old gallery and the criterion per metric, as the report gives them."""
+    out: dict[str, Any] = {name: {m: pair(report, *name.split("/"))[m] for m in metrics}
+                           for name in ("old/old", "new/new", "new/old")}
+    return {**out, "route": pair(report, "new", "old")["route"], "compatible": report["compatible"]}
+
+
 def defined_gain(cross: float, old_self: float, independent_self: float) -> float | None:
     """:func:`compatembed.eval.compatibility.update_gain`, None unless the independent new model beats the old one
     (otherwise there is no gain to share, and no method can satisfy the criterion either)."""

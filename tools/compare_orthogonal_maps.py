@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools._runner import REPO, evaluate, machine, pct, train, write_json
+from tools._runner import REPO, compatibility_pairs, evaluate, machine, pct, train, write_json
 
 METHODS = ("oca", "lambda_orth")
 WIDTH = {"oca": 160, "lambda_orth": 128}
@@ -52,11 +52,6 @@ def form_cost(orthogonal_map: str, width: int, repeats: int = 20) -> dict[str, f
     del w
     return {"trainable_parameters": trainable_parameters(layer),
             "form_q_ms": 1000 * sorted(times)[len(times) // 2], "torch_threads": torch.get_num_threads()}
-
-
-def _pair(report: dict[str, Any], query: str, gallery: str) -> dict[str, float]:
-    row = next(r for r in report["pairs"] if r["query"] == query and r["gallery"] == gallery)
-    return {m: row[m] for m in ("top1", "mAP")}
 
 
 def orthogonality(manifest: dict[str, Any], method: str) -> float | None:
@@ -153,11 +148,12 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a failed run is reported; the others go on
                 failed[f"{method} {omap}"] = f"{type(exc).__name__}: {exc}"
                 continue
-            payload["old/old"] = _pair(report, "old", "old")
+            pairs = compatibility_pairs(report, ("top1", "mAP"))
+            payload["old/old"] = pairs["old/old"]
             summary = trained["manifest"]["training"]["summary"]
             rows.append({
                 "method": method, "orthogonal_map": omap, "run": name,
-                "new/new": _pair(report, "new", "new"), "new/old": _pair(report, "new", "old"),
+                "new/new": pairs["new/new"], "new/old": pairs["new/old"],
                 "orthogonality_error": orthogonality(trained["manifest"], method),
                 **form_cost(omap, WIDTH[method]),
                 "step_time_s": summary.get("train/step_time_s"), "wall_s": trained["wall_s"],

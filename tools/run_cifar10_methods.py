@@ -43,9 +43,8 @@ import numpy as np
 
 from compatembed.methods import list_methods, method_class
 from compatembed.methods.post_hoc import PostHocMapMethod
-from tools._runner import REPO, defined_gain, evaluate, machine, train, write_json
+from tools._runner import METRICS, REPO, compatibility_pairs, defined_gain, evaluate, machine, pair, train, write_json
 
-METRICS = ("top1", "top5", "mAP", "mAP@R")
 DEFAULT_ROWS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
 """The rows trained without ``--methods``, in table order (any row of :func:`entries` may be asked for)."""
 NORMALIZED = "classifier_input=normalized"
@@ -101,24 +100,16 @@ class Rows:
         self.baseline_of[label] = baseline
 
 
-def _row(pairs: list[dict[str, Any]], query: str, gallery: str) -> dict[str, Any]:
-    return next(p for p in pairs if p["query"] == query and p["gallery"] == gallery)
-
-
 def summarise(seed: int, report: dict[str, Any], baseline_self: dict[str, Any], step_ratio: float | None,
               wall_s: float | None, images_per_s: float | None) -> dict[str, Any]:
     """One seed of one method: its three pairs, the criterion, the update gain and the cost."""
-    old_old, new_new, new_old = (_row(report["pairs"], q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
-    gain = {m: defined_gain(new_old[m], old_old[m], baseline_self[m]) for m in ("top1", "mAP")}
+    pairs = compatibility_pairs(report)
+    old_old, new_new, new_old = pairs["old/old"], pairs["new/new"], pairs["new/old"]
     return {
         "seed": seed,
         "version_id": report["query_version"],
-        "old/old": {m: old_old[m] for m in METRICS},
-        "new/new": {m: new_new[m] for m in METRICS},
-        "new/old": {m: new_old[m] for m in METRICS},
-        "route": new_old["route"],
-        "compatible": report["compatible"],
-        "update_gain": gain,
+        **pairs,
+        "update_gain": {m: defined_gain(new_old[m], old_old[m], baseline_self[m]) for m in ("top1", "mAP")},
         "new_new_minus_baseline": {m: new_new[m] - baseline_self[m] for m in ("top1", "mAP")},
         "step_time_vs_baseline": step_ratio,
         "wall_s": wall_s,
@@ -138,8 +129,8 @@ def aggregate(label: str, baseline: str, seeds: list[dict[str, Any]]) -> dict[st
     """Mean and spread over seeds of the numbers the table shows."""
     out: dict[str, Any] = {"method": label, "baseline": baseline, "seeds": [r["seed"] for r in seeds],
                            "route": seeds[0]["route"]}
-    for pair in ("old/old", "new/new", "new/old"):
-        out[pair] = {m: _stats([r[pair][m] for r in seeds]) for m in METRICS}
+    for name in ("old/old", "new/new", "new/old"):
+        out[name] = {m: _stats([r[name][m] for r in seeds]) for m in METRICS}
     out["compatible"] = {m: sum(bool(r["compatible"][m]) for r in seeds) for m in ("top1", "mAP")}
     out["update_gain"] = {m: _stats([r["update_gain"][m] for r in seeds]) for m in ("top1", "mAP")}
     out["new_new_minus_baseline"] = {m: _stats([r["new_new_minus_baseline"][m] for r in seeds]) for m in ("top1", "mAP")}
@@ -213,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[failed] {entry.label} seed {seed}", flush=True)
             return None
         summary = trained["manifest"]["training"]["summary"]
-        base_self = _row((baseline or {"report": report})["report"]["pairs"], "new", "new")
+        base_self = pair((baseline or {"report": report})["report"], "new", "new")
         base_step = (baseline or trained)["manifest"]["training"]["summary"].get("train/step_time_s")
         step = summary.get("train/step_time_s")
         ratio = None if not (step and base_step) or post_hoc(entry.experiment) else step / base_step

@@ -45,9 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools._runner import REPO, defined_gain, evaluate, machine, train, write_json
+from tools._runner import REPO, compatibility_pairs, defined_gain, evaluate, machine, pair, train, write_json
 
-METRICS = ("top1", "top5", "mAP", "mAP@R")
 PREFIX = "pretrained_upgrade_"
 
 
@@ -74,10 +73,6 @@ ROWS: dict[str, Row] = {r.name: r for r in (
 EXPERIMENT = {"independent": "independent_new"}
 
 
-def _pair(report: dict[str, Any], query: str, gallery: str) -> dict[str, Any]:
-    return next(p for p in report["pairs"] if p["query"] == query and p["gallery"] == gallery)
-
-
 def _rel(path: str | Path) -> str:
     """``path`` relative to the checkout when it lies inside it (results name portable paths)."""
     resolved = Path(path).resolve()
@@ -95,7 +90,8 @@ def summarise(row: Row, trained: dict[str, Any], report: dict[str, Any], referen
     Args:
         references: ``{"as_is" | "finetuned": new/new metrics of that independent model}`` (those evaluated so far).
     """
-    old_old, new_new, new_old = (_pair(report, q, g) for q, g in (("old", "old"), ("new", "new"), ("new", "old")))
+    pairs = compatibility_pairs(report)
+    old_old, new_new, new_old = pairs["old/old"], pairs["new/new"], pairs["new/old"]
     gain: dict[str, dict[str, float | None]] = {}
     delta: dict[str, dict[str, float]] = {}
     for ref, ref_self in references.items():
@@ -111,11 +107,7 @@ def summarise(row: Row, trained: dict[str, Any], report: dict[str, Any], referen
         "kind": row.kind,
         "version_id": report["query_version"],
         "version_dir": _rel(trained["version_dir"]),
-        "old/old": {m: old_old[m] for m in METRICS},
-        "new/new": {m: new_new[m] for m in METRICS},
-        "new/old": {m: new_old[m] for m in METRICS},
-        "route": new_old["route"],
-        "compatible": report["compatible"],
+        **pairs,
         "update_gain": gain,
         "new_new_minus_independent": delta,
         "embedding_dim": trained["manifest"]["embedding"]["dim"],
@@ -324,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_wall = time.perf_counter() - started
             for ref, ref_row in REFERENCES.items():
                 if row_name == ref_row:
-                    references[ref] = _pair(report, "new", "new")
+                    references[ref] = pair(report, "new", "new")
             summary = summarise(row, trained, report, references, eval_wall)
             if row.kind != "independent" and not args.no_reports:
                 report_dir = out / name / row_name
