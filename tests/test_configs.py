@@ -56,11 +56,17 @@ def test_cli_configs_compose(name, compose):
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, compose):
-    experiment = {"oca_influence": "cifar10_oca", "bt2_scale": "cifar10_bt2", "lambda_tolerance": "cifar10_lambda_orth"}[search]
+    experiment = {"oca_influence": "cifar10_oca", "bt2_scale": "cifar10_bt2", "lambda_tolerance": "cifar10_lambda_orth",
+                  "orthogonal_map": "cifar10_lambda_orth"}[search]
     cfg = compose("train", [f"experiment={experiment}", f"hparams_search={search}"], return_hydra_config=True)
     assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key
+        if key.endswith("orthogonal_map"):  # every swept parametrisation is one the layer accepts
+            from compatembed.models.orthogonal import check_orthogonal_map
+
+            for value in str(cfg.hydra.sweeper.params[key]).split(","):
+                check_orthogonal_map(value.strip())
 
 
 def _keywords(cls: type) -> set[str]:
