@@ -239,6 +239,30 @@ def trainable_parameters(layer: nn.Module) -> int:
     return sum(p.numel() for p in layer.parameters() if p.requires_grad)
 
 
+def decay_free_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The free parameters of ``module``'s orthogonal layers that weight decay would break rather than regularise.
+
+    Why: ``torch``'s ``householder`` map keeps the signs of Q's columns on the diagonal of its free matrix and
+    reads them through a cast to int, so any shrinkage of that diagonal (Adam's L2 decay moves it by about the
+    learning rate on the first step) makes Q the zero matrix; a ``householder_chain``'s reflections do not
+    depend on the length of their vectors, so decay only shrinks them toward the 2/‖v‖² singularity. The
+    other maps' free parameters decay toward the starting matrix, as in the published code (matrix_exp),
+    and are not listed. The training loop gives the listed parameters no weight decay.
+    """
+    found: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        if not parametrize.is_parametrized(sub):
+            continue
+        for plist in sub.parametrizations.values():
+            for p in plist:
+                kind = getattr(p, "orthogonal_map", None)  # torch's orthogonal parametrisation
+                if kind is not None and getattr(kind, "name", None) == "householder":
+                    found[id(plist.original)] = plist.original
+                elif isinstance(p, BaseTimesRotation) and isinstance(p.rotation, HouseholderChain):
+                    found[id(p.rotation.vectors)] = p.rotation.vectors
+    return list(found.values())
+
+
 @torch.no_grad()
 def orthogonality_error(weight: torch.Tensor) -> float:
     """``‖WᵀW − I‖_F`` of a square matrix (0 for an exactly orthogonal one), computed in float64.

@@ -32,6 +32,7 @@ from compatembed import distributed
 from compatembed.errors import ConfigError
 from compatembed.hardware import resolve_device, set_torch_threads
 from compatembed.methods.base import Method
+from compatembed.models.orthogonal import decay_free_parameters
 from compatembed.training.loggers import MetricLogger
 
 _logger = logging.getLogger(__name__)
@@ -162,6 +163,17 @@ def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _param_groups(method: Method, params: list[nn.Parameter]) -> list[Any]:
+    """``params`` as the optimiser takes them: the orthogonal layers' parameters that decay would break
+    (:func:`~compatembed.models.orthogonal.decay_free_parameters`) in a group without weight decay."""
+    exempt = {id(p) for p in decay_free_parameters(method)}
+    if not exempt.intersection(map(id, params)):
+        return params
+    groups: list[dict[str, Any]] = [{"params": [p for p in params if id(p) not in exempt]},
+                                    {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def fit(
     method: Method,
     loader: DataLoader,
@@ -189,7 +201,7 @@ def fit(
     params = method.trainable_parameters()
     if not params and config.epochs > 0:
         raise ConfigError(f"method {method.name!r} has no trainable parameters")
-    optimizer = optimizer_factory(params) if params else None
+    optimizer = optimizer_factory(_param_groups(method, params)) if params else None
     batches = distributed.min_over_ranks(len(loader))  # every rank takes the same number of steps
     steps_per_epoch = batches if not config.max_steps_per_epoch else min(batches, config.max_steps_per_epoch)
     scheduler = (

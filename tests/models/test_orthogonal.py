@@ -135,3 +135,26 @@ def test_bad_maps_are_refused_by_name(bad):
 def test_orthogonality_error_is_zero_only_for_orthogonal_matrices():
     assert orthogonality_error(torch.eye(3)) == 0.0
     assert orthogonality_error(2 * torch.eye(3)) == pytest.approx(3 * 3 ** 0.5)
+
+
+@pytest.mark.parametrize("orthogonal_map", MAPS)
+def test_stays_orthogonal_under_the_training_loops_optimiser_with_weight_decay(orthogonal_map):
+    """The loop's parameter groups (the code bases' Adam with L2 decay 3.05e-5) keep every map orthogonal: torch's
+    ``householder`` keeps column signs on its free matrix's diagonal, which decay would shrink (Q then is 0)."""
+    from compatembed.training.loop import _param_groups
+
+    torch.manual_seed(0)
+    model = nn.Sequential(orthogonal_linear(16, bias=True, orthogonal_map=orthogonal_map), nn.Linear(16, 4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = _param_groups(model, params)
+    listed = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    assert sorted(map(id, listed)) == sorted(map(id, params))  # every trainable parameter, once
+    assert any(isinstance(g, dict) and g.get("weight_decay") == 0.0 for g in groups) == (
+        orthogonal_map.split(":")[0] in ("householder", "householder_chain"))
+    opt = torch.optim.Adam(groups, lr=1e-2, weight_decay=3.05e-5)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert orthogonality_error(model[0].weight) < 1e-4
