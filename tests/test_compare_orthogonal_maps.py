@@ -26,7 +26,9 @@ def test_table_shows_every_row_and_failure():
     row = {"method": "oca", "orthogonal_map": "givens", "run": "r", "new/new": {"top1": 0.6, "mAP": 0.5},
            "new/old": {"top1": 0.4, "mAP": 0.3}, "orthogonality_error": 2e-6, "trainable_parameters": 12720,
            "form_q_ms": 3.5, "step_time_s": 0.2, "wall_s": 600.0}
-    text = render({"command": "python -m tools.compare_orthogonal_maps", "machine": {}, "protocol": "p",
+    text = render({"command": "python -m tools.compare_orthogonal_maps", "protocol": "p",
+                   "machine": {"cpu_count": 2, "torch": "2.14.1", "cuda": None},
                    "rows": [row], "failed": {"oca butterfly": "exit status 1"}, "old/old": {"top1": 0.38, "mAP": 0.29}})
     assert "| oca | `givens` | 60.0 | 50.0 | 40.0 | 30.0 | 2.0e-06 | 12720 | 3.50 | 0.200 | 600 |" in text
     assert "oca butterfly failed" in text and "top-1 38.0" in text
+    assert "Machine: 2 CPUs, torch 2.14.1, CUDA device: none. Protocol: p." in text

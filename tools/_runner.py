@@ -37,6 +37,11 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def describe_machine(m: dict[str, Any]) -> str:
+    """:func:`machine`'s record in words, as the results' markdown gives it."""
+    return f"{m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}"
+
+
 def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True, log_dir: Path | None = None,
           name: str | None = None) -> dict[str, Any]:
     """Run ``compatembed-train experiment=<experiment>`` in a subprocess; returns wall time and the manifest.

@@ -296,8 +296,9 @@ def render_markdown(payload: dict[str, Any]) -> str:
         )
     machine = payload.get("machine")
     if machine:
-        lines += ["", f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, "
-                      f"CUDA device: {machine['cuda'] or 'none'}."]
+        from tools._runner import describe_machine
+
+        lines += ["", f"Machine: {describe_machine(machine)}."]
     return "\n".join(lines) + "\n"
 
 

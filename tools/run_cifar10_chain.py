@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from compatembed.methods import list_methods
-from tools._runner import REPO, machine, train, write_json
+from tools._runner import REPO, describe_machine, machine, train, write_json
 
 STEPS = (("v1", "0-3"), ("v2", "0-6"), ("v3", "null"))
 
@@ -157,7 +157,7 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
         for s, r in per_seed.items()]
     lines += ["", "Training time per model in minutes, as recorded when each was trained (models reused from an "
               "earlier invocation keep theirs; ? where none was recorded): " + "; ".join(costs) + "."]
-    lines += ["", f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}; "
+    lines += ["", f"Machine: {describe_machine(m)}; "
               f"this invocation {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "
               f"--seeds {' '.join(map(str, per_seed))}`.", ""]
     write_json(args.out / "summary.json", summary)

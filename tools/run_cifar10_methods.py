@@ -43,7 +43,18 @@ import numpy as np
 
 from compatembed.methods import list_methods, method_class
 from compatembed.methods.post_hoc import PostHocMapMethod
-from tools._runner import METRICS, REPO, compatibility_pairs, defined_gain, evaluate, machine, pair, train, write_json
+from tools._runner import (
+    METRICS,
+    REPO,
+    compatibility_pairs,
+    defined_gain,
+    describe_machine,
+    evaluate,
+    machine,
+    pair,
+    train,
+    write_json,
+)
 
 DEFAULT_ROWS = ("bct", "bct_prototypes", "oca", "bt2", "lambda_orth", "fct")
 """The rows trained without ``--methods``, in table order (any row of :func:`entries` may be asked for)."""
@@ -385,7 +396,7 @@ def render(payload: dict[str, Any]) -> str:
         "",
         f"The old model ({payload['old_version']}) is fixed across seeds"
         + (f"; its run took {old_wall / 60:.1f} min" if old_wall else "") + ".",
-        f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}.",
+        f"Machine: {describe_machine(m)}.",
     ]
     return "\n".join(lines) + "\n"
 

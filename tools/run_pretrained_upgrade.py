@@ -45,7 +45,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools._runner import REPO, compatibility_pairs, defined_gain, evaluate, machine, pair, train, write_json
+from tools._runner import (
+    REPO,
+    compatibility_pairs,
+    defined_gain,
+    describe_machine,
+    evaluate,
+    machine,
+    pair,
+    train,
+    write_json,
+)
 
 PREFIX = "pretrained_upgrade_"
 
@@ -456,7 +466,7 @@ def render(payload: dict[str, Any]) -> str:
         "",
         f"The old version ({old_info.get('version_id')}) is imported, not trained"
         + (f"; importing it took {old_info['wall_s'] / 60:.1f} min" if old_info.get("wall_s") else "") + ".",
-        f"Machine: {m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}.",
+        f"Machine: {describe_machine(m)}.",
     ]
     return "\n".join(lines) + "\n"
 
