@@ -39,6 +39,12 @@ _logger = logging.getLogger(__name__)
 _ESCAPES = {"_": "_u", ".": "_d", "-": "_h"}
 SEP = "_x"  # never produced by the escapes, so names split back unambiguously
 
+MAX_NAME = 255
+WRITE_ROWS = 2048  # rows per insert/upsert message (gRPC messages are capped at 64 MiB)
+QUERY_IDS = 4096  # ids per `id in [...]` query (a query answers at most 16,384 rows)
+SEARCH_ROWS = 1024  # queries per search call (nq)
+META_BYTES = 65_535  # a VARCHAR holds at most this many bytes
+
 
 @runtime_checkable
 class MoveLog(Protocol):
@@ -56,11 +62,6 @@ class MoveLog(Protocol):
 
     def forget_moves(self, gallery: str, started_before_ns: int) -> int:
         """Drop the records of moves that started before ``started_before_ns``; returns how many."""
-MAX_NAME = 255
-WRITE_ROWS = 2048  # rows per insert/upsert message (gRPC messages are capped at 64 MiB)
-QUERY_IDS = 4096  # ids per `id in [...]` query (a query answers at most 16,384 rows)
-SEARCH_ROWS = 1024  # queries per search call (nq)
-META_BYTES = 65_535  # a VARCHAR holds at most this many bytes
 
 
 def _escape(part: str) -> str:
