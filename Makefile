@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 test: setup lint browser
-	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -rs $(PYTEST_ARGS)
 
 test-slow: setup
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -q -m slow $(PYTEST_ARGS)
