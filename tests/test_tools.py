@@ -143,6 +143,29 @@ def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
         collect("nope", tmp_path)
 
 
+def test_collect_sweep_reads_list_valued_parameters(tmp_path):
+    import json
+
+    from omegaconf import OmegaConf
+
+    from tools.collect_sweep import collect, render
+
+    for hidden, loss, m in (([], "mse", 0.33), ([1024, 1024], "cosine", 0.36)):
+        run = tmp_path / f"run_{len(hidden)}"
+        (run / "validation").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({"method": {"hidden_dims": hidden, "loss": loss}, "trainer": {"epochs": 0},
+                                         "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
+        pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
+        report = {"query_version": f"fct{len(hidden)}", "gallery_version": "old", "split": "val",
+                  "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", m)],
+                  "compatible": {"top1": True, "mAP": True}}
+        (run / "validation" / "report.json").write_text(json.dumps(report))
+    payload = collect("fct_map", tmp_path)
+    assert [r["params"]["method.hidden_dims"] for r in payload["runs"]] == [[1024, 1024], []]
+    json.dumps(payload)  # what write_json does: plain values only
+    assert "| [1024, 1024] | cosine | 36.0 |" in render(payload)
+
+
 def test_tools_take_method_names_from_the_registry(capsys):
     from compatembed.methods import list_methods
     from tools import bench_throughput, run_cifar10_chain, run_cifar10_methods

@@ -43,7 +43,7 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
         cross = ("new", "old") if has_old else ("new", "new")
         rows.append({
             "run": run.name,
-            "params": {p: OmegaConf.select(cfg, p) for p in params},
+            "params": {p: _plain(OmegaConf.select(cfg, p)) for p in params},
             "metric": pairs[cross][metric],
             "new/new": {m: pairs[("new", "new")][m] for m in ("top1", "mAP")},
             "new/old": {m: pairs[cross][m] for m in ("top1", "mAP")},
@@ -57,6 +57,11 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
     rows.sort(key=lambda r: r["metric"], reverse=True)
     return {"sweep": name, "config": str(config_path.relative_to(REPO)), "params": params,
             "metric": f"{metric} of {'/'.join(cross)} on the validation split", "runs": rows}
+
+
+def _plain(value: Any) -> Any:
+    """A swept value as plain Python (a list such as FCT's hidden widths is a ListConfig in the run's config)."""
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def render(payload: dict[str, Any]) -> str:
