@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, get_object, instantiate
 from omegaconf import OmegaConf
 
@@ -57,16 +58,21 @@ def test_cli_configs_compose(name, compose):
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, compose):
     experiment = {"oca_influence": "cifar10_oca", "bt2_scale": "cifar10_bt2", "lambda_tolerance": "cifar10_lambda_orth",
-                  "orthogonal_map": "cifar10_lambda_orth"}[search]
+                  "orthogonal_map": "cifar10_lambda_orth", "fct_map": "cifar10_fct"}[search]
     cfg = compose("train", [f"experiment={experiment}", f"hparams_search={search}"], return_hydra_config=True)
     assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
+    parser = OverridesParser.create()
+    choices = 1
     for key in cfg.hydra.sweeper.params:
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key
+        override = parser.parse_overrides([f"{key}={cfg.hydra.sweeper.params[key]}"])[0]  # as Hydra reads it
+        choices *= len(list(override.sweep_iterator())) if override.is_sweep_override() else 1
         if key.endswith("orthogonal_map"):  # every swept parametrisation is one the layer accepts
             from compatembed.models.orthogonal import check_orthogonal_map
 
             for value in str(cfg.hydra.sweeper.params[key]).split(","):
                 check_orthogonal_map(value.strip())
+    assert choices > 1, "the sweep compares nothing"
 
 
 def _keywords(cls: type) -> set[str]:
