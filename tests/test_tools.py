@@ -118,23 +118,27 @@ def test_merge_refuses_rows_measured_against_other_old_weights():
             _same_old_model(earlier, manifest, Path("x.json"))
 
 
-def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
+def _sweep_run(run: Path, method: dict, epochs: int, new_old: float) -> None:
+    """A finished sweep run as collect_sweep reads it: its config and its validation report (old/old 0.3)."""
     import json
 
     from omegaconf import OmegaConf
 
+    (run / "validation").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"method": method, "trainer": {"epochs": epochs},
+                                     "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
+    pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
+    report = {"query_version": f"new_{run.name}", "gallery_version": "old", "split": "val",
+              "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", new_old)],
+              "compatible": {"top1": new_old > 0.3, "mAP": new_old > 0.3}}
+    (run / "validation" / "report.json").write_text(json.dumps(report))
+
+
+def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
     from tools.collect_sweep import collect, render
 
     for scale, m in ((1.0, 0.31), (10.0, 0.35)):
-        run = tmp_path / f"run_{scale}"
-        (run / "validation").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create({"method": {"influence_scale": scale}, "trainer": {"epochs": 6},
-                                         "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
-        pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
-        report = {"query_version": f"new{scale}", "gallery_version": "old", "split": "val",
-                  "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", m)],
-                  "compatible": {"top1": m > 0.3, "mAP": m > 0.3}}
-        (run / "validation" / "report.json").write_text(json.dumps(report))
+        _sweep_run(tmp_path / f"run_{scale}", {"influence_scale": scale}, 6, m)
     payload = collect("oca_influence", tmp_path)
     assert [r["params"]["method.influence_scale"] for r in payload["runs"]] == [10.0, 1.0]
     assert payload["runs"][0]["metric"] == 0.35 and "new/old on the validation split" in payload["metric"]
@@ -146,20 +150,10 @@ def test_collect_sweep_ranks_runs_by_the_validation_metric(tmp_path):
 def test_collect_sweep_reads_list_valued_parameters(tmp_path):
     import json
 
-    from omegaconf import OmegaConf
-
     from tools.collect_sweep import collect, render
 
     for hidden, loss, m in (([], "mse", 0.33), ([1024, 1024], "cosine", 0.36)):
-        run = tmp_path / f"run_{len(hidden)}"
-        (run / "validation").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create({"method": {"hidden_dims": hidden, "loss": loss}, "trainer": {"epochs": 0},
-                                         "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
-        pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
-        report = {"query_version": f"fct{len(hidden)}", "gallery_version": "old", "split": "val",
-                  "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", m)],
-                  "compatible": {"top1": True, "mAP": True}}
-        (run / "validation" / "report.json").write_text(json.dumps(report))
+        _sweep_run(tmp_path / f"run_{len(hidden)}", {"hidden_dims": hidden, "loss": loss}, 0, m)
     payload = collect("fct_map", tmp_path)
     assert [r["params"]["method.hidden_dims"] for r in payload["runs"]] == [[1024, 1024], []]
     json.dumps(payload)  # what write_json does: plain values only
