@@ -58,7 +58,8 @@ def test_cli_configs_compose(name, compose):
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, compose):
     experiment = {"oca_influence": "cifar10_oca", "bt2_scale": "cifar10_bt2", "lambda_tolerance": "cifar10_lambda_orth",
-                  "orthogonal_map": "cifar10_lambda_orth", "fct_map": "cifar10_fct"}[search]
+                  "orthogonal_map": "cifar10_lambda_orth", "fct_map": "cifar10_fct",
+                  "independent_schedule": "cifar10_independent_new"}[search]
     cfg = compose("train", [f"experiment={experiment}", f"hparams_search={search}"], return_hydra_config=True)
     assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
     parser = OverridesParser.create()
@@ -67,6 +68,9 @@ def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, c
         assert OmegaConf.select(cfg, key, throw_on_missing=False) is not None or key in cfg.method, key
         override = parser.parse_overrides([f"{key}={cfg.hydra.sweeper.params[key]}"])[0]  # as Hydra reads it
         choices *= len(list(override.sweep_iterator())) if override.is_sweep_override() else 1
+        if (CONF / key).is_dir():  # a swept config group: every option composes and has the name tables show
+            for option in override.sweep_iterator():
+                assert compose("train", [f"experiment={experiment}", f"{key}={option}"])[key].name == option
         if key.endswith("orthogonal_map"):  # every swept parametrisation is one the layer accepts
             from compatembed.models.orthogonal import check_orthogonal_map
 

@@ -118,18 +118,18 @@ def test_merge_refuses_rows_measured_against_other_old_weights():
             _same_old_model(earlier, manifest, Path("x.json"))
 
 
-def _sweep_run(run: Path, method: dict, epochs: int, new_old: float) -> None:
+def _sweep_run(run: Path, method: dict, epochs: int, new_old: float, new_new: float = 0.6, optim: dict | None = None) -> None:
     """A finished sweep run as collect_sweep reads it: its config and its validation report (old/old 0.3)."""
     import json
 
     from omegaconf import OmegaConf
 
     (run / "validation").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"method": method, "trainer": {"epochs": epochs},
+    OmegaConf.save(OmegaConf.create({"method": method, "trainer": {"epochs": epochs}, "optim": optim or {},
                                      "data": {"validation": {"fraction": 0.1, "seed": 0}}}), run / "config.yaml")
     pair = lambda q, g, v: {"query": q, "gallery": g, "top1": v, "mAP": v}  # noqa: E731
     report = {"query_version": f"new_{run.name}", "gallery_version": "old", "split": "val",
-              "pairs": [pair("old", "old", 0.3), pair("new", "new", 0.6), pair("new", "old", new_old)],
+              "pairs": [pair("old", "old", 0.3), pair("new", "new", new_new), pair("new", "old", new_old)],
               "compatible": {"top1": new_old > 0.3, "mAP": new_old > 0.3}}
     (run / "validation" / "report.json").write_text(json.dumps(report))
 
@@ -158,6 +158,21 @@ def test_collect_sweep_reads_list_valued_parameters(tmp_path):
     assert [r["params"]["method.hidden_dims"] for r in payload["runs"]] == [[1024, 1024], []]
     json.dumps(payload)  # what write_json does: plain values only
     assert "| [1024, 1024] | cosine | 36.0 |" in render(payload)
+
+
+def test_collect_sweep_ranks_by_the_configured_pair_and_names_swept_groups(tmp_path):
+    from tools.collect_sweep import collect, render
+
+    # the better new/new run has the worse (chance-level) new/old: independent_schedule ranks by new/new
+    _sweep_run(tmp_path / "a", {}, 6, new_old=0.12, new_new=0.55, optim={"name": "adam", "optimizer": {"lr": 1e-3}})
+    _sweep_run(tmp_path / "b", {}, 6, new_old=0.08, new_new=0.61, optim={"name": "adam_one_cycle", "optimizer": {"lr": 1e-3}})
+    payload = collect("independent_schedule", tmp_path)
+    assert [r["params"]["optim"] for r in payload["runs"]] == ["adam_one_cycle", "adam"]
+    assert payload["runs"][0]["metric"] == 0.61 and "mAP of new/new" in payload["metric"]
+    assert "| adam_one_cycle | 61.0 |" in render(payload)
+    _sweep_run(tmp_path / "c", {}, 6, new_old=0.1, optim={"optimizer": {"lr": 1e-3}})  # a group option without a name
+    with pytest.raises(SystemExit, match="'name' key"):
+        collect("independent_schedule", tmp_path)
 
 
 def test_tools_take_method_names_from_the_registry(capsys):

@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from compatembed.training.run import sweep_pair
 from tools._runner import REPO, pct, write_json
 
 
@@ -32,6 +33,8 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
     sweep = OmegaConf.load(config_path)
     params = list(sweep.hydra.sweeper.params.keys())
     metric = str(sweep.validation.metric)
+    pair = str(OmegaConf.select(sweep, "validation.pair", default="auto"))
+    ranked: tuple[str, str] = ("new", "new")
     directory = sweep_dir or REPO / str(sweep.hydra.sweep.dir)
     rows = []
     for report_path in sorted(directory.glob("*/validation/report.json")):
@@ -39,12 +42,12 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
         cfg = OmegaConf.load(run / "config.yaml")
         report = json.loads(report_path.read_text())
         pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
-        has_old = ("new", "old") in pairs and report["query_version"] != report["gallery_version"]
-        cross = ("new", "old") if has_old else ("new", "new")
+        ranked = sweep_pair(report, pair)
+        cross = ("new", "old") if report["query_version"] != report["gallery_version"] else ("new", "new")
         rows.append({
             "run": run.name,
             "params": {p: _plain(OmegaConf.select(cfg, p)) for p in params},
-            "metric": pairs[cross][metric],
+            "metric": pairs[ranked][metric],
             "new/new": {m: pairs[("new", "new")][m] for m in ("top1", "mAP")},
             "new/old": {m: pairs[cross][m] for m in ("top1", "mAP")},
             "old/old": {m: pairs[("old", "old")][m] for m in ("top1", "mAP")},
@@ -56,11 +59,16 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: no finished run of sweep {name!r} under {directory} (no */validation/report.json)")
     rows.sort(key=lambda r: r["metric"], reverse=True)
     return {"sweep": name, "config": str(config_path.relative_to(REPO)), "params": params,
-            "metric": f"{metric} of {'/'.join(cross)} on the validation split", "runs": rows}
+            "metric": f"{metric} of {'/'.join(ranked)} on the validation split", "runs": rows}
 
 
 def _plain(value: Any) -> Any:
-    """A swept value as plain Python (a list such as FCT's hidden widths is a ListConfig in the run's config)."""
+    """A swept value as plain Python: a list such as FCT's hidden widths is a ListConfig in the run's config,
+    and a swept config group (``optim: adam,adam_one_cycle``) is its option's ``name``."""
+    if OmegaConf.is_dict(value):
+        if "name" not in value:
+            raise SystemExit("error: a swept config group needs a 'name' key in its options to be shown in the table")
+        return str(value.name)
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 

@@ -2,7 +2,7 @@
 
 from compatembed.training.loggers import CSVLogger, MetricLogger, NullLogger, WandbLogger
 from compatembed.training.loop import TrainerConfig, fit
-from compatembed.training.schedules import constant, warmup_cosine
+from compatembed.training.schedules import constant, one_cycle, warmup_cosine
 
 __all__ = [
     "CSVLogger",
@@ -12,5 +12,6 @@ __all__ = [
     "WandbLogger",
     "constant",
     "fit",
+    "one_cycle",
     "warmup_cosine",
 ]

@@ -35,3 +35,30 @@ def test_validation_without_a_held_out_split_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.validation.fraction"):
         train_and_validate(compose_config("train", TINY[:-2] + ["validation.enabled=true", f"output_dir={tmp_path}"]))
     assert not (tmp_path / "checkpoints").exists()  # refused before any training
+
+
+def _report(query: str, gallery: str) -> dict:
+    pairs = [{"query": q, "gallery": g, "top1": t, "mAP": m}
+             for q, g, t, m in (("new", "new", 0.7, 0.6), ("new", "old", 0.4, 0.3), ("old", "old", 0.35, 0.25))]
+    return {"query_version": query, "gallery_version": gallery, "pairs": pairs}
+
+
+def test_the_sweep_metric_is_of_the_configured_pair() -> None:
+    from compatembed.training.run import sweep_metric
+
+    with_old, alone = _report("new", "old"), _report("new", "new")
+    assert sweep_metric(with_old, "mAP") == 0.3 and sweep_metric(with_old, "top1", "new/old") == 0.4
+    assert sweep_metric(with_old, "mAP", "new/new") == 0.6  # an independent model ranked by its own retrieval
+    assert sweep_metric(alone, "mAP") == 0.6
+    with pytest.raises(ConfigError, match="needs a version with an old one"):
+        sweep_metric(alone, "mAP", "new/old")
+    with pytest.raises(ConfigError, match="unknown validation.pair"):
+        sweep_metric(with_old, "mAP", "old/new")
+
+
+@pytest.mark.parametrize(("override", "message"), [("validation.pair=new-new", "unknown validation.pair"),
+                                                    ("validation.pair=new/old", "needs method.old_version")])
+def test_a_bad_validation_pair_is_refused_before_training(tmp_path: Path, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        train_and_validate(compose_config("train", TINY + [override, f"output_dir={tmp_path}"]))
+    assert not (tmp_path / "checkpoints").exists()
