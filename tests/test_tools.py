@@ -191,6 +191,19 @@ def test_tools_take_method_names_from_the_registry(capsys):
         assert all(m in err for m in compatible), err
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "bct", "--method-arg", "trainer.epochs=1", "--tag", "x"], "method.<key>=<value>"),
+    (["--method", "bct", "--method-arg", "method.variant=prototypes"], "give --tag too"),
+    (["--seeds", "1", "1"], "distinct")])
+def test_the_chain_tool_refuses_bad_arguments_before_training(argv, message, capsys, tmp_path):
+    from tools import run_cifar10_chain
+
+    with pytest.raises(SystemExit):
+        run_cifar10_chain.main([*argv, "--runs", str(tmp_path)])
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
 def test_methods_results_name_no_absolute_path_of_the_checkout():
     from tools._runner import REPO
     from tools.run_cifar10_methods import _relative

@@ -17,6 +17,9 @@ AC and AM per metric, per seed and their mean and range, with the machine and wa
     python -m tools.run_cifar10_chain                                # OCA at each step, seeds 1 2
     python -m tools.run_cifar10_chain --method bct -- trainer.device=cuda data=cifar10_folder
     python -m tools.run_cifar10_chain --eval-backend torch -- trainer.device=cuda
+    python -m tools.run_cifar10_chain --method bct --tag bct_prototypes \
+        --method-arg method.variant=prototypes --method-arg method.classifier_input=normalized
+        # → docs/results/chain_bct_prototypes/
 """
 
 from __future__ import annotations
@@ -62,7 +65,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="compatible method at each step (default: oca; the independent chain is always trained)")
     parser.add_argument("--extra-dims", type=int, default=32, help="OCA/BT²: dims added at each step (default: 32)")
     parser.add_argument("--runs", type=Path, default=Path("runs") / "chain")  # relative: reports name portable paths
-    parser.add_argument("--out", type=Path, default=Path("docs") / "results" / "chain")
+    parser.add_argument("--method-arg", action="append", default=[],
+                        help="Hydra override for the compatible chain's trainings only, e.g. method.variant=prototypes "
+                             "(repeatable; the independent chain never gets it)")
+    parser.add_argument("--tag", help="names the compatible chain's versions and the output folder "
+                                      "(default: the method; give one whenever --method-arg changes the method)")
+    parser.add_argument("--out", type=Path,
+                        help="default: docs/results/chain for the default OCA chain, else docs/results/chain_<tag>")
     parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
     parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("--report-arg", action="append", default=[], help="extra compatembed-report override (repeatable)")
@@ -72,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
+    bad = [a for a in args.method_arg if "=" not in a or not a.split("=", 1)[0].lstrip("+~").startswith("method.")]
+    if bad:
+        parser.error(f"--method-arg takes method.<key>=<value> overrides, got {bad}")
+    if args.method_arg and not args.tag:
+        parser.error("--method-arg changes the method: give --tag too, so its versions do not reuse the plain method's")
+    args.tag = args.tag or args.method
+    if args.out is None:
+        args.out = Path("docs") / "results" / ("chain" if args.tag == "oca" else f"chain_{args.tag}")
     reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
     started = time.perf_counter()
     v1 = _train("chain_v1", "cifar10_independent_old", "0-3", runs, overrides, reuse=reuse)
@@ -94,8 +111,8 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
         extra = [f"method.old_version={previous}"]
         if args.method in ("oca", "bt2"):  # the embedding grows by extra_dims at each step
             extra += [f"method.extra_dims={args.extra_dims}", f"model.embed_dim={_dim(previous) + args.extra_dims}"]
-        trained[name] = _train(f"chain_{args.method}_{name}", f"cifar10_{args.method}", classes, runs, overrides + extra,
-                               reuse=reuse)
+        trained[name] = _train(f"chain_{args.tag}_{name}", f"cifar10_{args.method}", classes, runs,
+                               overrides + extra + list(args.method_arg), reuse=reuse)
         previous = trained[name]["version_dir"]
     previous = v1["version_dir"]
     for name, classes in STEPS[1:]:
@@ -107,7 +124,7 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
     independent = [trained["i2"]["version_dir"], trained["i3"]["version_dir"]]
     compatible = _report([trained[v]["version_dir"] for v in ("v1", "v2", "v3")], independent, out,
                          report_overrides
-                         + [f"title='Compatible chain ({args.method} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
+                         + [f"title='Compatible chain ({args.tag} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     indep = _report([v1["version_dir"], *independent], independent, out / "independent",
                     report_overrides + [f"title='Independent chain (contrast, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     for chain, rep in (("compatible", compatible), ("independent", indep)):
@@ -130,9 +147,10 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
 def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[int, dict[str, Any]], wall_s: float,
                    overrides: list[str]) -> None:
     metrics = list(next(iter(per_seed.values()))["compatible"])
-    summary: dict[str, Any] = {"method": args.method, "seeds": list(per_seed), "v1_wall_s": v1["wall_s"],
+    summary: dict[str, Any] = {"method": args.method, "tag": args.tag, "method_args": list(args.method_arg),
+                               "seeds": list(per_seed), "v1_wall_s": v1["wall_s"],
                                "total_wall_s": wall_s, "machine": machine(), "overrides": overrides, "per_seed": per_seed}
-    lines = [f"# Three-version chain on CIFAR-10 ({args.method} at each step): classes 0-3 → 0-6 → 0-9", "",
+    lines = [f"# Three-version chain on CIFAR-10 ({args.tag} at each step): classes 0-3 → 0-6 → 0-9", "",
              f"v1 fixed; v2, v3 and the independent chain trained per seed ({', '.join(map(str, per_seed))}). AC: share of "
              "pairs (t > j) meeting the empirical criterion C[t][j] > C[j][j]; AM: mean of the lower triangle with the "
              "diagonal, in %. Per-seed reports: " + ", ".join(f"[seed {s}](s{s}/report.md)" for s in per_seed) + ".", "",
@@ -152,14 +170,16 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
         return "?" if x is None else f"{x / 60:.1f}"
 
     costs = [f"v1 {minutes(v1['wall_s'])}"] + [
-        f"seed {s}: {args.method} v2 {minutes(r['train_wall_s']['v2'])}, v3 {minutes(r['train_wall_s']['v3'])}, "
+        f"seed {s}: {args.tag} v2 {minutes(r['train_wall_s']['v2'])}, v3 {minutes(r['train_wall_s']['v3'])}, "
         f"independent v2 {minutes(r['train_wall_s']['i2'])}, v3 {minutes(r['train_wall_s']['i3'])}"
         for s, r in per_seed.items()]
     lines += ["", "Training time per model in minutes, as recorded when each was trained (models reused from an "
               "earlier invocation keep theirs; ? where none was recorded): " + "; ".join(costs) + "."]
+    tagged = f" --tag {args.tag}" if args.tag != args.method else ""
+    method_args = "".join(f" --method-arg {a}" for a in args.method_arg)
     lines += ["", f"Machine: {describe_machine(m)}; "
-              f"this invocation {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method} "
-              f"--seeds {' '.join(map(str, per_seed))}`.", ""]
+              f"this invocation {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method}"
+              f"{tagged}{method_args} --seeds {' '.join(map(str, per_seed))}`.", ""]
     write_json(args.out / "summary.json", summary)
     (args.out / "summary.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'summary.md'}")
