@@ -34,7 +34,7 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
     params = list(sweep.hydra.sweeper.params.keys())
     metric = str(sweep.validation.metric)
     pair = str(OmegaConf.select(sweep, "validation.pair", default="auto"))
-    ranked: tuple[str, str] = ("new", "new")
+    ranked: tuple[str, str] = ("new", "new")  # the pair of the runs read (the same for every run of a sweep)
     directory = sweep_dir or REPO / str(sweep.hydra.sweep.dir)
     rows = []
     for report_path in sorted(directory.glob("*/validation/report.json")):

@@ -291,6 +291,9 @@ def validate(cfg: DictConfig, version_dir: Path) -> dict[str, Any]:
     return evaluate(eval_cfg)
 
 
+VALIDATION_PAIRS = ("auto", "new/new", "new/old")
+
+
 def _check_validation(cfg: DictConfig) -> None:
     if float(OmegaConf.select(cfg, "data.validation.fraction", default=0.0) or 0.0) <= 0:
         raise ConfigError("validation.enabled=true needs data.validation.fraction > 0 (a split held out of training)")
@@ -299,9 +302,6 @@ def _check_validation(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown validation.pair={pair!r}; known: {', '.join(VALIDATION_PAIRS)}")
     if pair == "new/old" and not OmegaConf.select(cfg, "method.old_version", default=None):
         raise ConfigError("validation.pair=new/old needs method.old_version (a version to cross-test against)")
-
-
-VALIDATION_PAIRS = ("auto", "new/new", "new/old")
 
 
 def sweep_pair(report: dict[str, Any], pair: str = "auto") -> tuple[str, str]:
