@@ -275,3 +275,27 @@ def test_a_report_without_the_asked_pair_names_it():
 
     with pytest.raises(KeyError, match="new/old"):
         pair({"pairs": []}, "new", "old")
+
+
+def test_the_chain_tool_reuses_a_report_only_while_its_versions_are_unchanged(tmp_path):
+    import json
+    import os
+
+    from tools.run_cifar10_chain import _current_report
+
+    versions = []
+    for name in ("v1", "v2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text("{}")
+        versions.append(str(tmp_path / name))
+    out = tmp_path / "report"
+    assert _current_report(versions, out) is None  # none written yet
+    out.mkdir()
+    (out / "report.json").write_text(json.dumps({"versions": [{"dir": v} for v in versions], "summary": {}}))
+    made = (out / "report.json").stat().st_mtime
+    for v in versions:
+        os.utime(Path(v) / "manifest.json", (made - 10, made - 10))
+    assert _current_report(versions, out)["summary"] == {}
+    assert _current_report(versions[::-1], out) is None  # other versions
+    os.utime(Path(versions[1]) / "manifest.json", (made + 10, made + 10))  # v2 retrained after the report
+    assert _current_report(versions, out) is None

@@ -11,7 +11,8 @@ Then runs ``compatembed-report`` on both chains (matrix, criterion, AC/AM, updat
 independent models, mixed gallery and backfill curves through the index service, plots, and the gate of
 v3 against v2). v1 is fixed; v2, v3 and the independent chain are trained once per seed (``--seeds``).
 Writes ``docs/results/chain/s<seed>/`` per seed (the compatible chain's report.md, report.json, CSVs,
-PNGs; the independent chain's under ``independent/``) and ``docs/results/chain/summary.{json,md}``:
+PNGs; the independent chain's under ``docs/results/chain/s<seed>/independent/``, written once and shared by
+every method's chain, as its versions are) and ``docs/results/chain/summary.{json,md}``:
 AC and AM per metric, per seed and their mean and range, with the machine and wall times.
 
     python -m tools.run_cifar10_chain                                # OCA at each step, seeds 1 2
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,6 +49,17 @@ def _train(name: str, experiment: str, classes: str, runs: Path, overrides: list
 
 def _dim(version_dir: str) -> int:
     return int(json.loads((Path(version_dir) / "manifest.json").read_text())["embedding"]["dim"])
+
+
+def _current_report(versions: list[str], out: Path) -> dict[str, Any] | None:
+    """The report already in ``out`` when it is of exactly ``versions`` and newer than each of their manifests."""
+    path = out / "report.json"
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    made = path.stat().st_mtime
+    same = [v["dir"] for v in report.get("versions", [])] == versions
+    return report if same and all((Path(v) / "manifest.json").stat().st_mtime < made for v in versions) else None
 
 
 def _report(versions: list[str], independent: list[str], out: Path, overrides: list[str]) -> dict[str, Any]:
@@ -72,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "(default: the method; give one whenever --method-arg changes the method)")
     parser.add_argument("--out", type=Path,
                         help="default: docs/results/chain for the default OCA chain, else docs/results/chain_<tag>")
-    parser.add_argument("--no-reuse", action="store_true", help="retrain even when a version directory exists")
+    parser.add_argument("--independent-out", type=Path, default=Path("docs") / "results" / "chain",
+                        help="the independent chain's reports go to <this>/s<seed>/independent/, shared by every "
+                             "method's chain (a report is reused while its versions are unchanged)")
+    parser.add_argument("--no-reuse", action="store_true",
+                        help="retrain even when a version directory exists, and rewrite reports that are current")
     parser.add_argument("--eval-backend", default="faiss", choices=("faiss", "numpy", "torch"))
     parser.add_argument("--report-arg", action="append", default=[], help="extra compatembed-report override (repeatable)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2],
@@ -122,11 +139,14 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
         previous = trained[key]["version_dir"]
     out = args.out / f"s{seed}"
     independent = [trained["i2"]["version_dir"], trained["i3"]["version_dir"]]
-    compatible = _report([trained[v]["version_dir"] for v in ("v1", "v2", "v3")], independent, out,
-                         report_overrides
-                         + [f"title='Compatible chain ({args.tag} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
-    indep = _report([v1["version_dir"], *independent], independent, out / "independent",
-                    report_overrides + [f"title='Independent chain (contrast, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
+    versions = [trained[v]["version_dir"] for v in ("v1", "v2", "v3")]
+    compatible = (_current_report(versions, out) if reuse else None) or _report(
+        versions, independent, out,
+        report_overrides + [f"title='Compatible chain ({args.tag} at each step, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
+    indep_versions, indep_out = [v1["version_dir"], *independent], args.independent_out / f"s{seed}" / "independent"
+    indep = (_current_report(indep_versions, indep_out) if reuse else None) or _report(
+        indep_versions, independent, indep_out,
+        report_overrides + [f"title='Independent chain (contrast, seed {seed}), classes 0-3 → 0-6 → 0-9'"])
     for chain, rep in (("compatible", compatible), ("independent", indep)):
         parts = []
         for metric, s in rep["summary"].items():
@@ -141,6 +161,7 @@ def _chain(args: argparse.Namespace, seed: int, v1: dict[str, Any], runs: Path, 
         "independent": {m: {"AC": indep["summary"][m]["AC"], "AM": indep["summary"][m]["AM"]} for m in indep["metrics"]},
         "gate": {"compatible": compatible["gate"]["passed"], "independent": indep["gate"]["passed"]},
         "report": str(out / "report.md"),
+        "independent_report": str(indep_out / "report.md"),
     }
 
 
@@ -153,7 +174,9 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
     lines = [f"# Three-version chain on CIFAR-10 ({args.tag} at each step): classes 0-3 → 0-6 → 0-9", "",
              f"v1 fixed; v2, v3 and the independent chain trained per seed ({', '.join(map(str, per_seed))}). AC: share of "
              "pairs (t > j) meeting the empirical criterion C[t][j] > C[j][j]; AM: mean of the lower triangle with the "
-             "diagonal, in %. Per-seed reports: " + ", ".join(f"[seed {s}](s{s}/report.md)" for s in per_seed) + ".", "",
+             "diagonal, in %. Per-seed reports: " + ", ".join(f"[seed {s}](s{s}/report.md)" for s in per_seed)
+             + "; of the independent chain: " + ", ".join(
+                 f"[seed {s}]({os.path.relpath(r['independent_report'], args.out)})" for s, r in per_seed.items()) + ".", "",
              "| chain | metric | AC per seed | AM per seed | AM mean |", "|---|---|---|---|---:|"]
     for chain in ("compatible", "independent"):
         summary[chain] = {}
