@@ -174,6 +174,41 @@ def embed_dataset(
     return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)
 
 
+@torch.no_grad()
+def embed_augmented_view(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    seed: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    desc: str = "embed",
+    progress: bool = True,
+) -> np.ndarray:
+    """Embed every item of a decoded-array ``dataset`` once, in order, under its (random) training transform.
+
+    The augmentation is drawn by an :class:`ArrayBatchLoader` in item order with ``seed``: the draws
+    depend only on ``seed``, the item count and the batch size, so two models of the same input size
+    given the same items, seed and batch size see the same crops and flips — their embeddings stay
+    paired, as a map fitted between two spaces needs.
+
+    Returns:
+        (N, D) float32 embeddings (the model's ``embed`` when it has one), row i = item i.
+
+    Raises:
+        ConfigError: ``dataset`` is not served from a decoded array.
+    """
+    loader = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, seed=seed, device=device)
+    was_training = model.training
+    model.eval()
+    chunks = [
+        _model_embed(model, images).float().cpu().numpy()
+        for images, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False)
+    ]
+    model.train(was_training)
+    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
+
+
 class ItemRange(Dataset):
     """Items ``[start, stop)`` of a map-style dataset, keeping their ids: what one part of an extraction embeds.
 

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from compatembed import distributed
-from compatembed.embeddings import embed_dataset
+from compatembed.data.loaders import batch_source
+from compatembed.embeddings import embed_augmented_view, embed_dataset
 from compatembed.errors import ConfigError, DataError
 from compatembed.models.version import (
     CompatibilityEdge,
@@ -44,6 +45,9 @@ class MethodContext:
         train_set: the training split (train transforms of the new model); yields ``(image, label)``.
         eval_view: returns the SAME items, in the same order, under a model's eval preprocessing
             (for teacher features; the old model's input size may differ from the new one's).
+        augmented_view: returns the SAME items, in the same order, under a model's training
+            preprocessing (``data.augment``), for augmented feature views (:meth:`features` with
+            ``view >= 1``); None where the run offers none.
         num_classes: size of the label space (classes keep their ids).
         train_classes: the class ids present in ``train_set``.
         device: where training runs.
@@ -64,6 +68,7 @@ class MethodContext:
     model_config: dict[str, Any] = field(default_factory=dict)
     cache_dir: Path | None = None
     progress: bool = True
+    augmented_view: Callable[[Any], Dataset] | None = None
 
     def labels(self) -> torch.Tensor:
         """Labels of ``train_set`` in item order, read from its ``targets`` (no image is decoded).
@@ -79,33 +84,64 @@ class MethodContext:
             raise DataError(f"training set {type(self.train_set).__name__} has no 'targets'; methods need per-item labels")
         return torch.as_tensor(np.asarray(targets, dtype=np.int64))
 
-    def features(self, model: nn.Module, *, name: str) -> torch.Tensor:
-        """L2-normalised features of every training item under ``model`` (eval mode, no augmentation).
+    def features(self, model: nn.Module, *, name: str, view: int = 0) -> torch.Tensor:
+        """L2-normalised features of every training item under ``model`` (eval mode).
+
+        Args:
+            model: the model whose embeddings are wanted.
+            name: names the cache file (``old``, ``new``, ...).
+            view: 0 = the un-augmented eval view; ``v >= 1`` = the training augmentation drawn with
+                seed ``v`` (:func:`~compatembed.embeddings.embed_augmented_view`): every model asked
+                for view ``v`` sees the same crops and flips of the same items, so the features of two
+                models stay paired (models of the same input size; more pairs for a post-hoc map fit).
 
         Returns:
             (N, D) float32 tensor on CPU, row i = item i of ``train_set``. Cached on disk under
-            ``cache_dir`` keyed by the model's weights hash and the item ids. Under torchrun, rank 0
-            computes them (and alone reads and writes the cache) and broadcasts them: every rank
+            ``cache_dir`` keyed by the model's weights hash, the item ids and the view. Under torchrun,
+            rank 0 computes them (and alone reads and writes the cache) and broadcasts them: every rank
             gets the same tensor, and what is derived from it (prototypes, maps) is the same.
-        """
-        if distributed.is_distributed():
-            return distributed.broadcast_tensor(self._features(model, name=name) if distributed.is_main() else None)
-        return self._features(model, name=name)
 
-    def _features(self, model: nn.Module, *, name: str) -> torch.Tensor:
-        dataset = self.eval_view(model.preprocessing)
+        Raises:
+            ConfigError: ``view >= 1`` where the run offers no augmented view, or its items are not
+                served from a decoded array (the only path with seeded, repeatable augmentation).
+        """
+        if view < 0:
+            raise ConfigError(f"feature view must be >= 0 (0: un-augmented), got {view}")
+        if distributed.is_distributed():
+            return distributed.broadcast_tensor(self._features(model, name=name, view=view) if distributed.is_main() else None)
+        return self._features(model, name=name, view=view)
+
+    def _features(self, model: nn.Module, *, name: str, view: int = 0) -> torch.Tensor:
+        if view == 0:
+            dataset = self.eval_view(model.preprocessing)
+        else:
+            if self.augmented_view is None:
+                raise ConfigError("augmented feature views need the run's augmented view of the training items")
+            dataset = self.augmented_view(model.preprocessing)
+            if batch_source(dataset) is None:
+                raise ConfigError(
+                    "augmented feature views need the training items served from a decoded array "
+                    "(data.pipeline=array, or auto when the split fits data.array_cache_max_gb): a streamed "
+                    "split draws its augmentation per worker and cannot repeat it for a second model"
+                )
         ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
-        key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes()).hexdigest()[:16]
-        cache = self.cache_dir / f"{name}-{key}.pt" if self.cache_dir else None
+        key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes() + f"view{view}".encode()).hexdigest()[:16]
+        stem = name if view == 0 else f"{name}-view{view}"
+        cache = self.cache_dir / f"{stem}-{key}.pt" if self.cache_dir else None
         if cache is not None and cache.is_file():
-            _logger.info("teacher features %s from cache %s", name, cache)
+            _logger.info("teacher features %s from cache %s", stem, cache)
             return torch.load(cache, weights_only=True)
         model = model.to(self.device)
-        feats = embed_dataset(
-            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers, desc=f"features:{name}",
-            progress=self.progress,
-            prefix_cache_dir=self.cache_dir,
-        ).embeddings
+        if view == 0:
+            feats = embed_dataset(
+                model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers,
+                desc=f"features:{name}", progress=self.progress, prefix_cache_dir=self.cache_dir,
+            ).embeddings
+        else:
+            feats = embed_augmented_view(
+                model, dataset, seed=view, batch_size=self.batch_size, device=self.device, desc=f"features:{stem}",
+                progress=self.progress,
+            )
         out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

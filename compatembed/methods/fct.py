@@ -307,7 +307,8 @@ class FCT(PostHocMapMethod):
         fit_steps / fit_batch_size / fit_lr / fit_weight_decay: the optimiser of h.
         seed: seeds h's initialisation and batch order.
         **post_hoc: where the new model comes from: ``old_version`` (required), ``new_version``,
-            ``label_smoothing``, ``classifier_input`` (see :class:`PostHocMapMethod`).
+            ``label_smoothing``, ``classifier_input``, and ``fit_views`` (augmented pairs for the fit; see
+            :class:`PostHocMapMethod`).
     """
 
     name = "fct"
@@ -351,14 +352,15 @@ class FCT(PostHocMapMethod):
         """(N, d_old [+ d_side]) inputs of h and (N, d_new) targets on the training items."""
         x_new, x_old = self.train_features(ctx)
         if self.side is not None:
-            x_old = torch.cat([x_old, ctx.features(self.side_model, name="side")], dim=1)
+            self.check_views_pairable(self.side_model)
+            x_old = torch.cat([x_old, self.view_features(ctx, self.side_model, "side")], dim=1)
         return x_old, x_new
 
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit h on the cached training features; returns the facts for the manifest."""
         source, target = self.map_inputs(ctx)
         self.fit_result = fit_forward_map(source, target, self.options, device=ctx.device)
-        facts = {**self.fit_result.facts, **self.source_facts()}
+        facts = {**self.fit_result.facts, "fit_views": self.fit_views, "fit_pairs": int(source.shape[0]), **self.source_facts()}
         if self.side is not None:
             facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version),
                                   "dim": self.side.embed_dim}

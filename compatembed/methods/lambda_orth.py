@@ -338,7 +338,8 @@ class LambdaOrth(PostHocMapMethod):
         fit_steps / fit_batch_size / fit_lr: Adam on the map.
         seed: seeds the batch order of the fit.
         **post_hoc: where the new model comes from: ``old_version`` (required), ``new_version``,
-            ``label_smoothing``, ``classifier_input`` (see :class:`PostHocMapMethod`).
+            ``label_smoothing``, ``classifier_input``, and ``fit_views`` (augmented pairs for the fit; see
+            :class:`PostHocMapMethod`).
     """
 
     name = "lambda_orth"
@@ -376,9 +377,10 @@ class LambdaOrth(PostHocMapMethod):
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit the map on the cached training features; returns the facts for the manifest."""
         x_new, x_old = self.train_features(ctx)
-        labels = ctx.labels() if self.options.supcon_weight > 0 else None
+        labels = self.train_labels(ctx) if self.options.supcon_weight > 0 else None
         self.fit_result = fit_lambda_orthogonal(x_new, x_old, labels, self.options, device=ctx.device)
-        return {"lambda_orth": {**self.fit_result.facts, **self.source_facts()}}
+        facts = {**self.fit_result.facts, "fit_views": self.fit_views, "fit_pairs": int(x_new.shape[0])}
+        return {"lambda_orth": {**facts, **self.source_facts()}}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:
         """One ``affine`` edge to the old version: B's arrays, output normalised."""

@@ -39,6 +39,11 @@ class PostHocMapMethod(Method):
         new_version: a trained new model version directory to adopt instead of training one.
         label_smoothing: label smoothing of the cross-entropy (in-run training).
         classifier_input: what the in-run classifier reads: ``raw`` or ``normalized`` (as ``Independent``).
+        fit_views: augmented passes over the training items added to the map's training pairs, besides
+            the un-augmented one (0: that one only). Pass ``v`` draws the training augmentation
+            (``data.augment``) with seed ``v``, the same crops and flips for both models, so pairs stay
+            paired: more pairs for a map that would otherwise fit N pairs of N images (the FCT paper
+            trains its map on augmented images). Costs one feature pass per model and view (cached).
     """
 
     def __init__(
@@ -50,8 +55,12 @@ class PostHocMapMethod(Method):
         new_version: str | None = None,
         label_smoothing: float = 0.1,
         classifier_input: str = "raw",
+        fit_views: int = 0,
     ) -> None:
         super().__init__(model, num_classes, old_version=old_version)
+        if int(fit_views) < 0:
+            raise ConfigError(f"method.fit_views must be >= 0 (augmented passes besides the plain one), got {fit_views}")
+        self.fit_views = int(fit_views)
         self.label_smoothing = float(label_smoothing)
         self.classifier_input = check_classifier_input(classifier_input)
         self.new_version_path = new_version
@@ -95,15 +104,38 @@ class PostHocMapMethod(Method):
         return classification_step(self.classifier, self.model(images), labels, self.label_smoothing, self.classifier_input)
 
     def train_features(self, ctx: MethodContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, d_new) new-model and (N, d_old) old-model L2-normalised features of the training items.
+        """((V·N, d_new) new-model, (V·N, d_old) old-model) L2-normalised features of the training items.
 
-        Un-augmented (eval preprocessing of each model), cached through :meth:`MethodContext.features`.
+        V = 1 + ``fit_views``: the un-augmented pass first, then each augmented pass (row ``v·N + i`` is
+        item i under view v in both), cached through :meth:`MethodContext.features`.
+
+        Raises:
+            ConfigError: augmented views with models of different input sizes (their crops would differ).
         """
         if self.old is None:
             self.load_old(required=True)
-        x_new = ctx.features(self.model, name="new")
-        x_old = ctx.features(self.old_model, name="old")
-        return x_new, x_old
+        self.check_views_pairable(self.old_model)
+        return self.view_features(ctx, self.model, "new"), self.view_features(ctx, self.old_model, "old")
+
+    def view_features(self, ctx: MethodContext, model: nn.Module, name: str) -> torch.Tensor:
+        """``model``'s features of the training items under every view of the fit, stacked view after view."""
+        return torch.cat([ctx.features(model, name=name, view=v) for v in range(1 + self.fit_views)])
+
+    def train_labels(self, ctx: MethodContext) -> torch.Tensor:
+        """Labels of the rows of :meth:`train_features` (the training labels once per view)."""
+        return ctx.labels().repeat(1 + self.fit_views)
+
+    def check_views_pairable(self, other: nn.Module) -> None:
+        """Augmented views pair two models' features only when both read the same input size."""
+        if self.fit_views == 0:
+            return
+        mine = tuple(self.model.preprocessing.input_size)
+        theirs = tuple(other.preprocessing.input_size)
+        if mine != theirs:
+            raise ConfigError(
+                f"method.fit_views={self.fit_views} needs models of one input size (the same crops for both), "
+                f"got {mine} and {theirs}: set method.fit_views=0"
+            )
 
     def source_facts(self) -> dict[str, Any]:
         """Where the new model came from, for the manifest."""

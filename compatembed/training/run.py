@@ -76,6 +76,9 @@ def prepare_method(cfg: DictConfig) -> tuple[Method, Dataset, MethodContext]:
     ctx = MethodContext(
         train_set=train_set,
         eval_view=lambda pre: build_dataset(cfg.data, "train", transform=build_transform(pre, train=False)),
+        augmented_view=lambda pre: build_dataset(
+            cfg.data, "train", transform=build_transform(pre, train=True, augment=cfg.data.augment)
+        ),
         num_classes=int(cfg.data.num_classes),
         train_classes=_train_classes(train_set, int(cfg.data.num_classes)),
         device=resolve_device(cfg.trainer.device),
