@@ -4,7 +4,7 @@ For every ``orthogonal_map`` (default: all of :data:`compatembed.models.orthogon
 trains, on the internal CIFAR-10 protocol (old: classes 0-4, new: 0-9, full split), with the CLIs:
 
 * ``oca``: ``experiment=cifar10_oca method.orthogonal_map=<map>`` (the new backbone trained with Q);
-* ``lambda_orth``: ``experiment=cifar10_lambda_orth method.tolerance=0 method.orthogonal_map=<map>``, the
+* ``lambda_orth``: ``experiment=cifar10_lambda_orth method.tolerance=0 method.supcon_weight=0 method.orthogonal_map=<map>``, the
   λ = 0 map fitted on the features of the same independent new model (``cifar10_independent_new``, seed as
   given), so only the parametrisation differs;
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra = [f"method.orthogonal_map={omap}"]
             else:
                 name = f"cifar10_lambda_orth__tol0_orth-{slug}_s{args.seed}"
-                extra = ["method.tolerance=0", f"method.orthogonal_map={omap}",
+                extra = ["method.tolerance=0", "method.supcon_weight=0", f"method.orthogonal_map={omap}",
                          f"method.new_version={new['version_dir']}", "trainer.epochs=0"]  # type: ignore[index]
             try:
                 trained = train(f"cifar10_{method}", runs=runs, name=name,
