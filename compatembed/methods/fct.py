@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
-from compatembed.methods.maps import first_last_means, mean_cosine, shuffled_batches
+from compatembed.methods.maps import cross_supervised_contrastive, first_last_means, mean_cosine, shuffled_batches
 from compatembed.methods.post_hoc import PostHocMapMethod
 from compatembed.models.version import CompatibilityEdge, LoadedVersion, load_model_version
 
@@ -176,7 +176,7 @@ class ForwardFit:
 
     Attributes:
         mlp: the fitted :class:`ForwardMLP`, in eval mode.
-        history: per-step values of the weighted loss term ``transfer``.
+        history: per-step values of each weighted loss term (``transfer``, ``supcon`` when on).
         facts: JSON-ready summary.
     """
 
@@ -194,7 +194,11 @@ class ForwardMapOptions:
         batchnorm_mode: ``batch`` (batch statistics while fitting) or ``fixed`` (fit in eval mode, as the
             public code does).
         loss: ``mse`` or ``cosine``.
-        loss_weight: weight of the loss term (one term; kept for a uniform config).
+        loss_weight: weight of the transfer term.
+        supcon_weight: weight of a supervised contrastive term from the mapped old vectors to the batch's new
+            vectors (:func:`~compatembed.methods.maps.cross_supervised_contrastive`; 0: off, FCT's fit):
+            an upgraded gallery item is pulled toward the new vectors of its class, not only its own.
+        temperature: τ of that term.
         steps / batch_size / lr / weight_decay: the optimiser.
         seed: seeds the initialisation and the batch order.
 
@@ -208,6 +212,8 @@ class ForwardMapOptions:
     batchnorm_mode: str = "batch"
     loss: str = "mse"
     loss_weight: float = 1.0
+    supcon_weight: float = 0.0
+    temperature: float = 0.1
     steps: int = 3000
     batch_size: int = 256
     lr: float = 1e-3
@@ -219,10 +225,12 @@ class ForwardMapOptions:
             if getattr(self, key) not in known:
                 raise ConfigError(f"unknown fct {key} {getattr(self, key)!r}; known: {', '.join(known)}")
         typed = {"hidden_dims": tuple(int(h) for h in self.hidden_dims), "batch_norm": bool(self.batch_norm),
-                 **{k: float(getattr(self, k)) for k in ("loss_weight", "lr", "weight_decay")},
+                 **{k: float(getattr(self, k)) for k in ("loss_weight", "supcon_weight", "temperature", "lr", "weight_decay")},
                  **{k: int(getattr(self, k)) for k in ("steps", "batch_size", "seed")}}
         for key, value in typed.items():
             object.__setattr__(self, key, value)
+        if self.supcon_weight < 0 or self.temperature <= 0:
+            raise ConfigError(f"fct supcon_weight must be >= 0 and temperature > 0, got {self.supcon_weight}, {self.temperature}")
 
 
 def fit_forward_map(
@@ -230,6 +238,7 @@ def fit_forward_map(
     target: torch.Tensor,
     options: ForwardMapOptions | None = None,
     *,
+    labels: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
 ) -> ForwardFit:
     """Fit ``h`` with ``target ≈ h(source)`` on paired training features (Adam, cosine-annealed lr).
@@ -238,6 +247,7 @@ def fit_forward_map(
         source: (N, d_in) old-model features (concatenated with side information when used).
         target: (N, d_new) new-model features of the same items.
         options: the MLP and its optimiser (default: :class:`ForwardMapOptions` ``()``).
+        labels: (N,) class ids; needed only when ``supcon_weight > 0``.
         device: where the fit runs.
 
     Returns:
@@ -248,6 +258,8 @@ def fit_forward_map(
         raise ConfigError(
             f"forward map fit needs paired (N, d) features, N >= 2; got {tuple(source.shape)}, {tuple(target.shape)}"
         )
+    if o.supcon_weight > 0 and (labels is None or labels.shape != (source.shape[0],)):
+        raise ConfigError("fct supcon_weight > 0 needs one training label per pair")
     device = torch.device(device)
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -255,7 +267,9 @@ def fit_forward_map(
         mlp = ForwardMLP(source.shape[1], target.shape[1], o.hidden_dims, activation=o.activation, batch_norm=o.batch_norm)
     mlp.to(device)
     source, target = source.to(device).float(), target.to(device).float()
-    history: dict[str, list[float]] = {"transfer": []}
+    history: dict[str, list[float]] = {"transfer": [], **({"supcon": []} if o.supcon_weight > 0 else {})}
+    if labels is not None:
+        labels = labels.to(device)
     if o.steps > 0:
         optimizer = torch.optim.Adam(mlp.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=o.steps)
@@ -263,12 +277,18 @@ def fit_forward_map(
         mlp.train(o.batchnorm_mode == "batch")
         for index in shuffled_batches(source.shape[0], o.batch_size, o.steps, generator):
             index = index.to(device)
-            term = o.loss_weight * forward_loss(mlp(source[index]), target[index], o.loss)
+            mapped = mlp(source[index])
+            terms = {"transfer": o.loss_weight * forward_loss(mapped, target[index], o.loss)}
+            if o.supcon_weight > 0:
+                terms["supcon"] = o.supcon_weight * cross_supervised_contrastive(
+                    mapped, target[index], labels[index], o.temperature  # type: ignore[index]
+                )
             optimizer.zero_grad(set_to_none=True)
-            term.backward()
+            sum(terms.values()).backward()  # type: ignore[union-attr]
             optimizer.step()
             scheduler.step()
-            history["transfer"].append(float(term.detach()))
+            for key, term in terms.items():
+                history[key].append(float(term.detach()))
     mlp.eval().requires_grad_(False)
     if o.batchnorm_mode == "batch" and o.steps > 0:
         recalibrate_batchnorm(mlp, source)
@@ -278,6 +298,8 @@ def fit_forward_map(
         "batch_norm": o.batch_norm,
         "batchnorm_mode": o.batchnorm_mode,
         "loss": o.loss,
+        "supcon_weight": o.supcon_weight,
+        "temperature": o.temperature if o.supcon_weight > 0 else None,
         "steps": o.steps,
         "train_alignment": {"raw": mean_cosine(source, target), "fitted": mean_cosine(source, target, mlp)},
         "fit_seconds": round(time.perf_counter() - started, 3),
@@ -304,6 +326,9 @@ class FCT(PostHocMapMethod):
         batchnorm_mode: ``batch`` (paper) | ``fixed`` (public code: h is trained in eval mode).
         loss: ``mse`` (FCT) | ``cosine``.
         loss_weight: weight of the transfer loss.
+        supcon_weight: weight of the supervised contrastive term (0: off, the paper's fit; see
+            :class:`ForwardMapOptions`).
+        temperature: τ of that term.
         fit_steps / fit_batch_size / fit_lr / fit_weight_decay: the optimiser of h.
         seed: seeds h's initialisation and batch order.
         **post_hoc: where the new model comes from: ``old_version`` (required), ``new_version``,
@@ -325,6 +350,8 @@ class FCT(PostHocMapMethod):
         batchnorm_mode: str = "batch",
         loss: str = "mse",
         loss_weight: float = 1.0,
+        supcon_weight: float = 0.0,
+        temperature: float = 0.1,
         fit_steps: int = 3000,
         fit_batch_size: int = 256,
         fit_lr: float = 1e-3,
@@ -337,7 +364,8 @@ class FCT(PostHocMapMethod):
         self.side: LoadedVersion | None = None
         self.options = ForwardMapOptions(
             hidden_dims=hidden_dims, activation=activation, batch_norm=batch_norm, batchnorm_mode=batchnorm_mode, loss=loss,
-            loss_weight=loss_weight, steps=fit_steps, batch_size=fit_batch_size, lr=fit_lr, weight_decay=fit_weight_decay,
+            loss_weight=loss_weight, supcon_weight=supcon_weight, temperature=temperature, steps=fit_steps,
+            batch_size=fit_batch_size, lr=fit_lr, weight_decay=fit_weight_decay,
             seed=seed,
         )
         self.fit_result: ForwardFit | None = None
@@ -359,7 +387,8 @@ class FCT(PostHocMapMethod):
     def finalize(self, ctx: MethodContext) -> dict[str, Any]:
         """Fit h on the cached training features; returns the facts for the manifest."""
         source, target = self.map_inputs(ctx)
-        self.fit_result = fit_forward_map(source, target, self.options, device=ctx.device)
+        labels = self.train_labels(ctx) if self.options.supcon_weight > 0 else None
+        self.fit_result = fit_forward_map(source, target, self.options, labels=labels, device=ctx.device)
         facts = {**self.fit_result.facts, "fit_views": self.fit_views, "fit_pairs": int(source.shape[0]), **self.source_facts()}
         if self.side is not None:
             facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version),

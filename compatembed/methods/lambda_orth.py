@@ -35,6 +35,7 @@ from compatembed.methods.maps import (
     DEVIATIONS,
     AffineMap,
     centring_means,
+    cross_supervised_contrastive,
     first_last_means,
     gram_deviation,
     least_squares_affine,
@@ -62,28 +63,6 @@ def alignment_loss(mapped: torch.Tensor, target: torch.Tensor, objective: str = 
     if objective == "mse":
         return (mapped - target.to(mapped.dtype)).square().sum(1).mean()
     raise ConfigError(f"unknown alignment objective {objective!r}; known: {', '.join(OBJECTIVES)}")
-
-
-def cross_supervised_contrastive(
-    mapped: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Supervised contrastive loss from mapped new vectors (anchors) to old vectors of the batch.
-
-    For anchor i, the positives are the old vectors of the batch with label y_i (its own pair
-    included); ``−mean_{p ∈ P(i)} log softmax_j(cos(B(x_i), y_j) / τ)[p]``, averaged over anchors.
-
-    Args:
-        mapped: (B, d) mapped new vectors (normalised here).
-        target: (B, d) old vectors of the same items.
-        labels: (B,) class ids.
-        temperature: τ > 0.
-    """
-    if temperature <= 0:
-        raise ConfigError(f"supervised contrastive temperature must be > 0, got {temperature}")
-    logits = F.normalize(mapped, dim=1) @ F.normalize(target.to(mapped.dtype), dim=1).mT / temperature
-    positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
-    log_prob = logits.log_softmax(dim=1)
-    return -((log_prob * positives).sum(1) / positives.sum(1)).mean()
 
 
 # -- λ-orthogonal fit ---------------------------------------------------------------------------

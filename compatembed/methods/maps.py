@@ -209,6 +209,31 @@ class AffineMap(nn.Module):
 
 
 # -- what the iterative fits share -------------------------------------------------------------
+def cross_supervised_contrastive(
+    mapped: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Supervised contrastive loss from mapped vectors (anchors) to the target space's vectors of the batch.
+
+    Shared by the λ-orthogonal map (new → old) and FCT's forward map (old → new): besides matching each
+    item's own target, the map is pulled toward the targets of its class.
+
+    For anchor i, the positives are the target vectors of the batch with label y_i (its own pair
+    included); ``−mean_{p ∈ P(i)} log softmax_j(cos(B(x_i), y_j) / τ)[p]``, averaged over anchors.
+
+    Args:
+        mapped: (B, d) mapped vectors (normalised here).
+        target: (B, d) target-space vectors of the same items.
+        labels: (B,) class ids.
+        temperature: τ > 0.
+    """
+    if temperature <= 0:
+        raise ConfigError(f"supervised contrastive temperature must be > 0, got {temperature}")
+    logits = F.normalize(mapped, dim=1) @ F.normalize(target.to(mapped.dtype), dim=1).mT / temperature
+    positives = (labels[:, None] == labels[None, :]).to(logits.dtype)
+    log_prob = logits.log_softmax(dim=1)
+    return -((log_prob * positives).sum(1) / positives.sum(1)).mean()
+
+
 @torch.no_grad()
 def mean_cosine(x: torch.Tensor, y: torch.Tensor, transform: Any = None, *, chunk: int = 65536) -> float:
     """Mean cosine of paired rows ``(transform(x_i), y_i)``, truncated to the smaller dim (the protocol's rule).

@@ -125,6 +125,52 @@ def test_loss_weight_scales_the_term():
     assert two.history["transfer"][0] == pytest.approx(2 * one.history["transfer"][0], rel=1e-6)
 
 
+def test_supervised_contrastive_term_is_its_definition_scaled_and_needs_labels():
+    x, y = paired_features(n=64)
+    labels = torch.arange(64) % 4
+    options = dict(hidden_dims=(8,), steps=1, batch_size=64, temperature=0.2)
+    one = fit_forward_map(x, y, ForwardMapOptions(**options, supcon_weight=1.0), labels=labels)
+    two = fit_forward_map(x, y, ForwardMapOptions(**options, supcon_weight=2.0), labels=labels)
+    assert two.history["supcon"][0] == pytest.approx(2 * one.history["supcon"][0], rel=1e-6)
+    assert one.history["transfer"] == two.history["transfer"]  # the first step's transfer term is untouched
+    # the first step's term, by hand: h at its seeded initialisation in batch mode, one full batch (a loop over anchors)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        h = ForwardMLP(5, 6, (8,)).train()
+    mapped = F.normalize(h(x), dim=1)
+    target = F.normalize(y, dim=1)
+    total = 0.0
+    for i in range(64):
+        log_p = (mapped[i] @ target.T / 0.2).log_softmax(0)
+        total -= float(log_p[labels == labels[i]].mean())
+    assert one.history["supcon"][0] == pytest.approx(total / 64, rel=1e-4)
+    assert "supcon" not in fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), steps=1, batch_size=64)).history
+    with pytest.raises(ConfigError, match="label"):
+        fit_forward_map(x, y, ForwardMapOptions(**options, supcon_weight=1.0))
+    with pytest.raises(ConfigError, match="temperature"):
+        ForwardMapOptions(supcon_weight=1.0, temperature=0.0)
+
+
+def test_supervised_contrastive_term_gathers_the_classes_of_the_mapped_gallery():
+    """The property the term is for: mapped old vectors sit nearer the new vectors of their own class."""
+    g = torch.Generator().manual_seed(1)
+    n, classes = 400, 4
+    labels = torch.arange(n) % classes
+    centres = F.normalize(torch.randn(classes, 6, generator=g), dim=1)
+    y = F.normalize(centres[labels] + 0.6 * torch.randn(n, 6, generator=g), dim=1)  # new space: classes, noisy
+    x = F.normalize(torch.randn(n, 5, generator=g) + 0.3 * torch.randn(classes, 5, generator=g)[labels], dim=1)
+
+    def class_margin(fit) -> float:
+        mapped = F.normalize(fit.mlp(x), dim=1)
+        means = F.normalize(torch.stack([y[labels == c].mean(0) for c in range(classes)]), dim=1)
+        return float((mapped @ means.T).argmax(1).eq(labels).float().mean())
+
+    options = dict(hidden_dims=(32,), steps=300, batch_size=100, lr=1e-2, loss="cosine", temperature=0.1)
+    plain = fit_forward_map(x, y, ForwardMapOptions(**options))
+    supervised = fit_forward_map(x, y, ForwardMapOptions(**options, supcon_weight=1.0), labels=labels)
+    assert class_margin(supervised) > class_margin(plain)
+
+
 def test_batch_mode_recalibrates_running_statistics_exactly():
     x, y = paired_features()
     fit = fit_forward_map(x, y, ForwardMapOptions(hidden_dims=(8,), steps=20, batch_size=32, lr=1e-2))
