@@ -125,7 +125,8 @@ class MethodContext:
                     "split draws its augmentation per worker and cannot repeat it for a second model"
                 )
         ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
-        key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes() + f"view{view}".encode()).hexdigest()[:16]
+        view_tag = f"view{view}".encode() if view else b""  # the un-augmented pass keeps the key it always had
+        key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes() + view_tag).hexdigest()[:16]
         stem = name if view == 0 else f"{name}-view{view}"
         cache = self.cache_dir / f"{stem}-{key}.pt" if self.cache_dir else None
         if cache is not None and cache.is_file():
