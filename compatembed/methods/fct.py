@@ -5,6 +5,8 @@ The new model is trained independently in the run (cross-entropy, like ``Indepen
 into the new space: ``L = MSE(φ_new(x), h(φ_old(x), ψ(x)))`` (or ``1 − cos``). The index service then
 upgrades a stored old gallery without the images by applying ``h`` to each stored vector (the
 ``forward`` edge of the new version's manifest), and new queries search the upgraded gallery.
+An optional supervised contrastive term (``supcon_weight``, not in the paper) also pulls ``h(φ_old(x))``
+toward the batch's new vectors of x's class; the ``fct_supcon`` sweep chose it for ``cifar10_fct``.
 
 Side information ψ(x): features of another frozen model version (``side_info_version``), concatenated
 to the old embedding at the input of ``h``. The forward edge's input is then ``concat(old, ψ)``
