@@ -124,6 +124,11 @@ class MethodContext:
                     "(data.pipeline=array, or auto when the split fits data.array_cache_max_gb): a streamed "
                     "split draws its augmentation per worker and cannot repeat it for a second model"
                 )
+            if not batch_source(dataset)[2].random:  # type: ignore[index]
+                raise ConfigError(
+                    "augmented feature views need a random training augmentation (data.augment=crop_flip); "
+                    "with data.augment=none every view repeats the un-augmented pass"
+                )
         ids = np.asarray(getattr(dataset, "ids", np.arange(len(dataset))), dtype=np.int64)
         view_tag = f"view{view}".encode() if view else b""  # the un-augmented pass keeps the key it always had
         key = hashlib.sha256(module_sha256(model).encode() + ids.tobytes() + view_tag).hexdigest()[:16]

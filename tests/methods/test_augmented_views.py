@@ -100,6 +100,10 @@ def test_context_views_are_cached_apart_and_refused_where_they_cannot_be_paired(
         _context(lambda p: streamed).features(model, name="m", view=1)
     with pytest.raises(ConfigError, match="augmented view"):
         _context(None).features(model, name="m", view=1)
+    with pytest.raises(ConfigError, match="data.augment=none"):
+        plain = _arrays(model.preprocessing)
+        plain.transform = build_transform(model.preprocessing, train=True, augment="none")
+        _context(lambda p: plain).features(model, name="m", view=1)
     with pytest.raises(ConfigError, match=">= 0"):
         ctx.features(model, name="m", view=-1)
 
