@@ -119,6 +119,7 @@ def embed_dataset(
     desc: str = "embed",
     progress: bool = True,
     prefix_cache_dir: str | os.PathLike[str] | None = None,
+    augment_seed: int = 0,
 ) -> EmbeddingSet:
     """Embed every item of ``dataset`` (which yields ``(image, label)``) in order.
 
@@ -153,7 +154,8 @@ def embed_dataset(
             embeddings = np.concatenate(embedded) if embedded else np.zeros((0, dim), np.float32)
             return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=cached.targets.copy(), ids=cached.ids.copy())
     if batch_source(dataset) is not None:  # decoded array: whole batches, transformed on the device
-        loader: Any = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, device=device)
+        loader: Any = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, seed=augment_seed,
+                                       device=device)
     else:
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: list[np.ndarray] = []
@@ -172,41 +174,6 @@ def embed_dataset(
         ids = ids[np.concatenate(positions)]
     embeddings = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
     return EmbeddingSet(embeddings=embeddings.astype(np.float32), labels=np.concatenate(labels), ids=ids)
-
-
-@torch.no_grad()
-def embed_augmented_view(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    seed: int,
-    batch_size: int = 256,
-    device: str | torch.device = "cpu",
-    desc: str = "embed",
-    progress: bool = True,
-) -> np.ndarray:
-    """Embed every item of a decoded-array ``dataset`` once, in order, under its (random) training transform.
-
-    The augmentation is drawn by an :class:`ArrayBatchLoader` in item order with ``seed``: the draws
-    depend only on ``seed``, the item count and the batch size, so two models of the same input size
-    given the same items, seed and batch size see the same crops and flips — their embeddings stay
-    paired, as a map fitted between two spaces needs.
-
-    Returns:
-        (N, D) float32 embeddings (the model's ``embed`` when it has one), row i = item i.
-
-    Raises:
-        ConfigError: ``dataset`` is not served from a decoded array.
-    """
-    loader = ArrayBatchLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, seed=seed, device=device)
-    was_training = model.training
-    model.eval()
-    chunks = [
-        _model_embed(model, images).float().cpu().numpy()
-        for images, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False)
-    ]
-    model.train(was_training)
-    return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
 
 
 class ItemRange(Dataset):

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from compatembed import distributed
 from compatembed.data.loaders import batch_source
-from compatembed.embeddings import embed_augmented_view, embed_dataset
+from compatembed.embeddings import embed_dataset
 from compatembed.errors import ConfigError, DataError
 from compatembed.models.version import (
     CompatibilityEdge,
@@ -91,7 +91,7 @@ class MethodContext:
             model: the model whose embeddings are wanted.
             name: names the cache file (``old``, ``new``, ...).
             view: 0 = the un-augmented eval view; ``v >= 1`` = the training augmentation drawn with
-                seed ``v`` (:func:`~compatembed.embeddings.embed_augmented_view`): every model asked
+                seed ``v`` (``augment_seed`` of :func:`~compatembed.embeddings.embed_dataset`): every model asked
                 for view ``v`` sees the same crops and flips of the same items, so the features of two
                 models stay paired (models of the same input size; more pairs for a post-hoc map fit).
 
@@ -118,13 +118,14 @@ class MethodContext:
             if self.augmented_view is None:
                 raise ConfigError("augmented feature views need the run's augmented view of the training items")
             dataset = self.augmented_view(model.preprocessing)
-            if batch_source(dataset) is None:
+            source = batch_source(dataset)
+            if source is None:
                 raise ConfigError(
                     "augmented feature views need the training items served from a decoded array "
                     "(data.pipeline=array, or auto when the split fits data.array_cache_max_gb): a streamed "
                     "split draws its augmentation per worker and cannot repeat it for a second model"
                 )
-            if not batch_source(dataset)[2].random:  # type: ignore[index]
+            if not source[2].random:
                 raise ConfigError(
                     "augmented feature views need a random training augmentation (data.augment=crop_flip); "
                     "with data.augment=none every view repeats the un-augmented pass"
@@ -138,16 +139,11 @@ class MethodContext:
             _logger.info("teacher features %s from cache %s", stem, cache)
             return torch.load(cache, weights_only=True)
         model = model.to(self.device)
-        if view == 0:
-            feats = embed_dataset(
-                model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers,
-                desc=f"features:{name}", progress=self.progress, prefix_cache_dir=self.cache_dir,
-            ).embeddings
-        else:
-            feats = embed_augmented_view(
-                model, dataset, seed=view, batch_size=self.batch_size, device=self.device, desc=f"features:{stem}",
-                progress=self.progress,
-            )
+        feats = embed_dataset(
+            model, dataset, batch_size=self.batch_size, device=self.device, num_workers=self.num_workers,
+            desc=f"features:{stem}", progress=self.progress, prefix_cache_dir=self.cache_dir if view == 0 else None,
+            augment_seed=view,
+        ).embeddings
         out = nn.functional.normalize(torch.from_numpy(feats), dim=1)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)

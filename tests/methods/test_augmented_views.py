@@ -13,7 +13,7 @@ from torch import nn
 
 from compatembed.data import Preprocessing, SyntheticImages, build_transform
 from compatembed.data.array_cache import decode_to_array
-from compatembed.embeddings import embed_augmented_view
+from compatembed.embeddings import embed_dataset
 from compatembed.errors import ConfigError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.lambda_orth import LambdaOrth
@@ -37,6 +37,10 @@ class Pixels(nn.Module):
         return ((x * s + m) * 255).round().permute(0, 2, 3, 1).flatten(1)  # NHWC order, as the array stores
 
 
+def _view(model, arrays, seed: int) -> np.ndarray:
+    return embed_dataset(model, arrays, batch_size=4, progress=False, augment_seed=seed).embeddings
+
+
 def _arrays(pre: Preprocessing, train: bool = True):
     arrays = decode_to_array(SyntheticImages(num_classes=3, per_class=5, image_size=SIZE), None)
     arrays.transform = build_transform(pre, train=train, augment="crop_flip")
@@ -57,8 +61,8 @@ def _crops_and_flips(image: np.ndarray) -> list[np.ndarray]:
 def test_a_view_is_a_crop_and_flip_of_every_item_and_the_same_for_two_models():
     a, b = Pixels(0.5, 0.5), Pixels(0.2, 0.3)  # one input size, different normalisations
     arrays_a, arrays_b = _arrays(a.preprocessing), _arrays(b.preprocessing)
-    view_a = embed_augmented_view(a, arrays_a, seed=1, batch_size=4, progress=False)
-    view_b = embed_augmented_view(b, arrays_b, seed=1, batch_size=4, progress=False)
+    view_a = _view(a, arrays_a, 1)
+    view_b = _view(b, arrays_b, 1)
     np.testing.assert_allclose(view_a, view_b, atol=1e-3)  # the same crops and flips: pairs stay paired
     pixels = arrays_a.pixels
     assert view_a.shape == (len(pixels), SIZE * SIZE * 3)
@@ -73,9 +77,9 @@ def test_a_view_is_a_crop_and_flip_of_every_item_and_the_same_for_two_models():
 def test_a_view_depends_on_its_seed_only():
     model = Pixels(0.5, 0.5)
     arrays = _arrays(model.preprocessing)
-    first = embed_augmented_view(model, arrays, seed=3, batch_size=4, progress=False)
-    assert np.array_equal(first, embed_augmented_view(model, arrays, seed=3, batch_size=4, progress=False))
-    assert not np.array_equal(first, embed_augmented_view(model, arrays, seed=4, batch_size=4, progress=False))
+    first = _view(model, arrays, 3)
+    assert np.array_equal(first, _view(model, arrays, 3))
+    assert not np.array_equal(first, _view(model, arrays, 4))
 
 
 def _context(augmented_view, tmp_path=None) -> MethodContext:
