@@ -61,7 +61,7 @@ def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, c
                   "orthogonal_map": "cifar10_lambda_orth", "fct_map": "cifar10_fct",
                   "independent_schedule": "cifar10_independent_new", "independent_optim": "cifar10_independent_new",
                   "lambda_supcon": "cifar10_lambda_orth", "lambda_views": "cifar10_lambda_orth",
-                  "fct_views": "cifar10_fct", "fct_supcon": "cifar10_fct"}[search]
+                  "fct_views": "cifar10_fct", "fct_supcon": "cifar10_fct", "bt2_tradeoff": "cifar10_bt2"}[search]
     cfg = compose("train", [f"experiment={experiment}", f"hparams_search={search}"], return_hydra_config=True)
     assert cfg.validation.enabled and cfg.data.validation.fraction > 0  # chosen on 'val', never on 'test'
     parser = OverridesParser.create()

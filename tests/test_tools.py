@@ -175,6 +175,20 @@ def test_collect_sweep_ranks_by_the_configured_pair_and_names_swept_groups(tmp_p
         collect("independent_schedule", tmp_path)
 
 
+def test_collect_sweep_with_required_compatibility_ranks_passing_runs_first(tmp_path):
+    from tools.collect_sweep import collect, render
+
+    # bt2_tradeoff ranks by new/new among the runs meeting the criterion (new/old > old/old = 0.3 here)
+    _sweep_run(tmp_path / "a", {"scale": 4.0, "new_alignment_weight": 5}, 6, new_old=0.29, new_new=0.62)  # best, fails
+    _sweep_run(tmp_path / "b", {"scale": 1.0, "new_alignment_weight": 1}, 6, new_old=0.34, new_new=0.55)
+    _sweep_run(tmp_path / "c", {"scale": 2.0, "new_alignment_weight": 5}, 6, new_old=0.31, new_new=0.58)
+    payload = collect("bt2_tradeoff", tmp_path)
+    assert [r["run"] for r in payload["runs"]] == ["c", "b", "a"]
+    assert [r["passes"] for r in payload["runs"]] == [True, True, False]
+    assert payload["require_compatible"] and "meet the compatibility criterion" in payload["metric"]
+    assert "| 2.0 | 5 | 58.0 |" in render(payload)
+
+
 def test_tools_take_method_names_from_the_registry(capsys):
     from compatembed.methods import list_methods
     from tools import bench_throughput, run_cifar10_chain, run_cifar10_methods

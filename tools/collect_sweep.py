@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from compatembed.training.run import sweep_pair
+from compatembed.training.run import passes_criterion, sweep_pair
 from tools._runner import REPO, pct, write_json
 
 
@@ -34,6 +34,7 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
     params = list(sweep.hydra.sweeper.params.keys())
     metric = str(sweep.validation.metric)
     pair = str(OmegaConf.select(sweep, "validation.pair", default="auto"))
+    require_compatible = bool(OmegaConf.select(sweep, "validation.require_compatible", default=False))
     ranked: tuple[str, str] = ("new", "new")  # the pair of the runs read (the same for every run of a sweep)
     directory = sweep_dir or REPO / str(sweep.hydra.sweep.dir)
     rows = []
@@ -52,14 +53,19 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
             "new/old": {m: pairs[cross][m] for m in ("top1", "mAP")},
             "old/old": {m: pairs[("old", "old")][m] for m in ("top1", "mAP")},
             "compatible": report["compatible"],
+            "passes": passes_criterion(report) if require_compatible else None,
             "validation": OmegaConf.to_container(cfg.data.validation),
             "epochs": int(cfg.trainer.epochs),
         })
     if not rows:
         raise SystemExit(f"error: no finished run of sweep {name!r} under {directory} (no */validation/report.json)")
-    rows.sort(key=lambda r: r["metric"], reverse=True)
+    # With require_compatible the criterion is a constraint: every run that passes it (top-1 and mAP) ranks first.
+    rows.sort(key=lambda r: (bool(r["passes"]) if require_compatible else True, r["metric"]), reverse=True)
+    described = f"{metric} of {'/'.join(ranked)} on the validation split"
+    if require_compatible:
+        described += ", among the runs that meet the compatibility criterion there on top-1 and mAP (those that do not rank last)"
     return {"sweep": name, "config": str(config_path.relative_to(REPO)), "params": params,
-            "metric": f"{metric} of {'/'.join(ranked)} on the validation split", "runs": rows}
+            "metric": described, "require_compatible": require_compatible, "runs": rows}
 
 
 def _plain(value: Any) -> Any:

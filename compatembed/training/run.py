@@ -305,6 +305,9 @@ def _check_validation(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown validation.pair={pair!r}; known: {', '.join(VALIDATION_PAIRS)}")
     if pair == "new/old" and not OmegaConf.select(cfg, "method.old_version", default=None):
         raise ConfigError("validation.pair=new/old needs method.old_version (a version to cross-test against)")
+    if bool(OmegaConf.select(cfg, "validation.require_compatible", default=False)) and not OmegaConf.select(
+            cfg, "method.old_version", default=None):
+        raise ConfigError("validation.require_compatible=true needs method.old_version (the criterion is against it)")
 
 
 def sweep_pair(report: dict[str, Any], pair: str = "auto") -> tuple[str, str]:
@@ -324,10 +327,24 @@ def sweep_pair(report: dict[str, Any], pair: str = "auto") -> tuple[str, str]:
     return query, gallery
 
 
-def sweep_metric(report: dict[str, Any], metric: str, pair: str = "auto") -> float:
-    """The number a sweep maximises: ``metric`` of the pair :func:`sweep_pair` names."""
+def passes_criterion(report: dict[str, Any]) -> bool:
+    """Whether a validation report's version meets the empirical compatibility criterion on top-1 and on mAP."""
+    compatible = report.get("compatible")
+    if not isinstance(compatible, dict):
+        raise ConfigError("validation.require_compatible=true needs a report against an old version (no criterion in it)")
+    return bool(compatible.get("top1")) and bool(compatible.get("mAP"))
+
+
+def sweep_metric(report: dict[str, Any], metric: str, pair: str = "auto", require_compatible: bool = False) -> float:
+    """The number a sweep maximises: ``metric`` of the pair :func:`sweep_pair` names.
+
+    With ``require_compatible`` compatibility is a constraint, as when a deployment gates an upgrade on it: a
+    run that fails the criterion scores ``metric - 1``, below every run that passes (metrics lie in [0, 1]), so
+    a sweep over ``pair=new/new`` picks the best new model among the compatible ones.
+    """
     pairs = {(r["query"], r["gallery"]): r for r in report["pairs"]}
-    return float(pairs[sweep_pair(report, pair)][metric])
+    value = float(pairs[sweep_pair(report, pair)][metric])
+    return value if not require_compatible or passes_criterion(report) else value - 1.0
 
 
 def train_and_validate(cfg: DictConfig) -> tuple[Path, float | None]:
@@ -338,4 +355,5 @@ def train_and_validate(cfg: DictConfig) -> tuple[Path, float | None]:
     if not bool(cfg.validation.enabled) or distributed.launched_rank()[0] != 0:  # under torchrun rank 0 validates
         return out, None
     report = validate(cfg, out)
-    return out, sweep_metric(report, str(cfg.validation.metric), str(OmegaConf.select(cfg, "validation.pair", default="auto")))
+    return out, sweep_metric(report, str(cfg.validation.metric), str(OmegaConf.select(cfg, "validation.pair", default="auto")),
+                             bool(OmegaConf.select(cfg, "validation.require_compatible", default=False)))

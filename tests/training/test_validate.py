@@ -62,3 +62,25 @@ def test_a_bad_validation_pair_is_refused_before_training(tmp_path: Path, overri
     with pytest.raises(ConfigError, match=message):
         train_and_validate(compose_config("train", TINY + [override, f"output_dir={tmp_path}"]))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_sweep_can_require_compatibility_and_rank_by_the_new_model() -> None:
+    from compatembed.training.run import sweep_metric
+
+    passing, failing = _report("new", "old"), _report("new", "old")
+    passing["compatible"] = {"top1": True, "mAP": True}
+    failing["compatible"] = {"top1": True, "mAP": False}  # one metric failing is failing
+    failing["pairs"][0]["mAP"] = 0.9  # the better new model, but not compatible
+    assert sweep_metric(passing, "mAP", "new/new", require_compatible=True) == 0.6
+    assert sweep_metric(failing, "mAP", "new/new") == 0.9  # without the constraint it wins
+    constrained = sweep_metric(failing, "mAP", "new/new", require_compatible=True)
+    assert constrained < 0 < sweep_metric(passing, "mAP", "new/new", require_compatible=True)
+    assert constrained == pytest.approx(0.9 - 1.0)  # failing runs keep their order among themselves
+    with pytest.raises(ConfigError, match="against an old version"):
+        sweep_metric(_report("new", "new"), "mAP", "new/new", require_compatible=True)
+
+
+def test_require_compatible_without_an_old_version_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="require_compatible=true needs method.old_version"):
+        train_and_validate(compose_config("train", TINY + ["validation.require_compatible=true", f"output_dir={tmp_path}"]))
+    assert not (tmp_path / "checkpoints").exists()
