@@ -26,6 +26,7 @@ from compatembed.eval.pairs import evaluate_pair
 from compatembed.eval.report_render import write_text
 from compatembed.eval.tables import pair_table_markdown
 from compatembed.hardware import resolve_num_workers
+from compatembed.models.version import side_info_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     kwargs = dict(device=str(cfg.device), batch_size=int(cfg.batch_size), num_workers=resolve_num_workers(cfg.num_workers),
                   progress=bool(cfg.progress), prefix_cache=bool(cfg.prefix_cache))
+    side_dir = cfg.get("side") or side_info_dir(cfg.query)  # FCT with side information: the gallery needs ψ too
     new = load_or_extract(cfg.query, cfg.data, str(cfg.split), **kwargs)
     old = load_or_extract(cfg.gallery, cfg.data, str(cfg.split), **kwargs)
+    side = load_or_extract(side_dir, cfg.data, str(cfg.split), **kwargs) if side_dir else None
     if leave_one_out := bool(cfg.leave_one_out):
         if not np.array_equal(np.sort(new.ids), np.sort(old.ids)):
             raise EvalError("leave_one_out needs query and gallery embeddings of the same items (the same split)")
@@ -51,7 +54,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows = []
     for q_name, g_name, q, g in (("old", "old", old, old), ("new", "new", new, new), ("new", "old", new, old)):
         _logger.info("evaluating %s/%s", q_name, g_name)
-        result = evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route), backend=str(cfg.backend))
+        result = evaluate_pair(q, g, leave_one_out=leave_one_out, topk=topk, route=str(cfg.route), backend=str(cfg.backend),
+                               side=side if (q_name, g_name) == ("new", "old") else None)
         rows.append({"query": q_name, "gallery": g_name, **result})
     cross, old_self = rows[2], rows[0]
     verdict = {
@@ -66,6 +70,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "pairs": rows,
         "compatible": verdict,
     }
+    if side is not None:
+        report["side_information"] = side.meta.get("version_id", str(side_dir))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "report.json", json.dumps(report, indent=2) + "\n")

@@ -24,18 +24,24 @@ if TYPE_CHECKING:  # EmbeddingSet lives next to the torch embedding code
 
 
 def route_pair(
-    query: EmbeddingSet, gallery: EmbeddingSet, *, route: str = "auto"
+    query: EmbeddingSet, gallery: EmbeddingSet, *, route: str = "auto", side: EmbeddingSet | None = None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Bring query and gallery vectors into one space along the registered routes, if any.
 
     A query route (prefix/affine edges, new → old) maps the queries; otherwise a forward route
-    (old → new, FCT-style) upgrades the stored gallery vectors. Without a route the raw vectors are
-    compared (the protocol then truncates to the smaller dimension): that is what an independent
-    model gets.
+    (old → new, FCT-style) upgrades the stored gallery vectors; otherwise a forward edge with side
+    information (FCT's ψ) upgrades them from ``concat(old vector, side vector)``, ``side`` holding the side
+    version's embeddings of the gallery items. Without a route the raw vectors are compared (the protocol
+    then truncates to the smaller dimension): that is what an independent model gets.
 
     Returns:
         (query vectors, gallery vectors, description of the route: ``"same version"``,
-        ``"query: prefix"``, ``"query: prefix+affine"``, ``"gallery: forward"``, or ``"none (raw)"``).
+        ``"query: prefix"``, ``"query: prefix+affine"``, ``"gallery: forward"``, ``"gallery: forward+side"``,
+        or ``"none (raw)"``).
+
+    Raises:
+        EvalError: the only route needs side information and ``side`` is missing, of another version, or
+            does not hold every gallery item.
     """
     if route not in ("auto", "raw"):
         raise EvalError(f"unknown route={route!r}; use auto or raw")
@@ -53,7 +59,29 @@ def route_pair(
     if upgrade is not None:
         kinds = "+".join(step.edge.kind for step in upgrade.steps)
         return query.embeddings, upgrade.apply(gallery.embeddings), f"gallery: {kinds}"
+    edge = registry.side_forward_edge(str(g_id), str(q_id))
+    if edge is not None:
+        upgraded = edge.apply(gallery.embeddings, _side_vectors(side, gallery, str(edge.side_version), str(q_id)))
+        if registry.get(str(q_id)).normalized and not edge.normalize_output:
+            upgraded = upgraded / np.maximum(np.linalg.norm(upgraded, axis=1, keepdims=True), 1e-12)
+        return query.embeddings, upgraded, "gallery: forward+side"
     return query.embeddings, gallery.embeddings, "none (raw)"
+
+
+def _side_vectors(side: EmbeddingSet | None, gallery: EmbeddingSet, side_id: str, query_id: str) -> np.ndarray:
+    """The side version's vectors of the gallery items, in the gallery's order."""
+    if side is None:
+        raise EvalError(
+            f"{query_id} upgrades the gallery of {gallery.meta.get('version_id')} with side information from version "
+            f"{side_id!r}: give that version's embeddings of the same items (compatembed-eval side=<its directory>)"
+        )
+    if side.meta.get("version_id") != side_id:
+        raise EvalError(f"side information must come from version {side_id!r}, got {side.meta.get('version_id')!r}")
+    position = {int(i): n for n, i in enumerate(side.ids)}
+    missing = [int(i) for i in gallery.ids if int(i) not in position]
+    if missing:
+        raise EvalError(f"side information of {side_id!r} lacks {len(missing)} gallery items (first ids: {missing[:5]})")
+    return side.embeddings[[position[int(i)] for i in gallery.ids]]
 
 
 def version_registry(version_dirs: list[str]) -> VersionRegistry:
@@ -76,9 +104,10 @@ def evaluate_pair(
     topk: tuple[int, ...] = (1, 5),
     route: str = "auto",
     backend: str = "faiss",
+    side: EmbeddingSet | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``query`` searching ``gallery`` (after routing), with the route taken."""
-    q_vectors, g_vectors, taken = route_pair(query, gallery, route=route)
+    """Metrics of ``query`` searching ``gallery`` after routing (``side`` as :func:`route_pair` takes it), with the route."""
+    q_vectors, g_vectors, taken = route_pair(query, gallery, route=route, side=side)
     metrics = retrieval_metrics(
         q_vectors,
         query.labels,

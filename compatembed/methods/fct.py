@@ -8,12 +8,12 @@ upgrades a stored old gallery without the images by applying ``h`` to each store
 An optional supervised contrastive term (``supcon_weight``, not in the paper) also pulls ``h(φ_old(x))``
 toward the batch's new vectors of x's class; the ``fct_supcon`` sweep chose it for ``cifar10_fct``.
 
-Side information ψ(x): features of another frozen model version (``side_info_version``), concatenated
-to the old embedding at the input of ``h``. The forward edge's input is then ``concat(old, ψ)``
-(d_old + d_side dims, listed in the edge's ``info.input``): a gallery can only be upgraded where the
-ψ vectors of its items are stored next to the old ones. The index service's forward routes feed old
-vectors alone, so they refuse such an edge (a ``ManifestError`` on the dimension mismatch, also in
-``compatembed-eval``); upgrading with side information is up to a caller that holds both vectors.
+Side information ψ(x): features of another frozen model version (``side_info_version``), L2-normalised and
+concatenated to the old embedding at the input of ``h``. The forward edge's input is then ``concat(old, ψ)``
+(d_old + d_side dims; the edge's ``side_input`` names ψ's version and size): a gallery can only be upgraded
+where the ψ vectors of its items are at hand too. ``compatembed-eval`` embeds the gallery with ψ's version as
+well and applies the edge; the index service, which stores one vector per item, registers the version but
+follows no route through it.
 
 BatchNorm: in eval mode it is a fixed affine layer, so the exported arrays fold it into the linear layer
 before it (``w0, b0, w1, b1, ...``). ``batchnorm_mode: batch`` trains with batch statistics (the paper's
@@ -402,9 +402,7 @@ class FCT(PostHocMapMethod):
         if self.fit_result is None or self.old is None:
             raise RuntimeError("FCT.compatibility_edges() before finalize(): the forward map is not fitted")
         info: dict[str, Any] = {"method": "fct", "layers": self.fit_result.facts["layers"]}
-        if self.side is not None:
-            info["input"] = [self.old.version_id, self.side.version_id]
-            info["note"] = "input is concat(old vector, side-information vector); the gallery needs both"
+        side = None if self.side is None else (self.side.version_id, self.side.embed_dim)
         return [
             CompatibilityEdge(
                 "forward",
@@ -413,5 +411,6 @@ class FCT(PostHocMapMethod):
                 activation=self.fit_result.mlp.activation,
                 normalize_output=True,
                 info=info,
+                side_input=side,
             )
         ]

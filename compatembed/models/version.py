@@ -154,6 +154,8 @@ class CompatibilityEdge:
         activation: for ``forward``: the nonlinearity between layers.
         normalize_output: L2-normalise the transformed vector.
         info: free-form facts written to the manifest (e.g. the λ used, singular values).
+        side_input: for ``forward``: ``(version_id, dim)`` of a side-information version whose vector of the
+            same item (L2-normalised) is concatenated to the source vector at the MLP's input (FCT's ψ).
     """
 
     kind: str
@@ -163,6 +165,7 @@ class CompatibilityEdge:
     activation: str | None = None
     normalize_output: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    side_input: tuple[str, int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in EDGE_KINDS:
@@ -173,6 +176,8 @@ class CompatibilityEdge:
             raise ManifestError("an affine edge needs exactly the arrays 'weight' and 'bias'")
         if self.kind == "forward" and not self.arrays:
             raise ManifestError("a forward edge needs its layer arrays w0, b0, ...")
+        if self.side_input is not None and (self.kind != "forward" or int(self.side_input[1]) <= 0):
+            raise ManifestError("side_input belongs to a forward edge and needs a positive dim")
 
     @property
     def file(self) -> str | None:
@@ -192,6 +197,8 @@ class CompatibilityEdge:
             entry["normalize_output"] = self.normalize_output
         if self.kind == "forward":
             entry["activation"] = self.activation or "relu"
+        if self.side_input is not None:
+            entry["side_input"] = {"version": str(self.side_input[0]), "dim": int(self.side_input[1])}
         if self.info:
             entry["info"] = self.info
         return entry
@@ -369,6 +376,34 @@ def ancestor_dirs(version_dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
                     pending.append(candidate)
                     break
     return list(seen.values())
+
+
+def side_info_dir(version_dir: str | os.PathLike[str]) -> Path | None:
+    """The side-information version a forward edge of this version reads (FCT's ψ), as training recorded it.
+
+    None when no edge of the version takes side information. The recorded directory is tried as written,
+    then next to ``version_dir`` under the same name (a runs folder moved as a whole).
+
+    Raises:
+        ManifestError: an edge takes side information but its version directory is not found.
+    """
+    directory = Path(version_dir)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None  # extracted embeddings, not a version: no edges
+    manifest = json.loads(manifest_path.read_text())
+    edges = [e for e in manifest.get("compatibility", []) if isinstance(e, dict)]
+    needed = [e["side_input"]["version"] for e in edges if isinstance(e.get("side_input"), dict)]
+    if not needed:
+        return None
+    recorded = manifest.get("training", {}).get("side_info_version_dir")
+    for candidate in ([Path(recorded), directory.parent / Path(recorded).name] if recorded else []):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    raise ManifestError(
+        f"{directory}: its forward edge takes side information from version {needed[0]!r}, whose directory "
+        f"({recorded or 'not recorded'}) is not found; give it explicitly (compatembed-eval side=<directory>)"
+    )
 
 
 def _verify_file(version_dir: Path, manifest: dict[str, Any], name: str) -> Path:

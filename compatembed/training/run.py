@@ -205,6 +205,7 @@ def _train(cfg: DictConfig) -> Path:
         "epochs": int(trainer_cfg.epochs),
         "frozen_model_sha256": frozen_after,
         "old_version_dir": OmegaConf.select(cfg, "method.old_version"),
+        **({"side_info_version_dir": str(side)} if (side := OmegaConf.select(cfg, "method.side_info_version")) else {}),
         "summary": summary,
         **prefix_facts,
         **facts,

@@ -31,7 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from compatembed_index.errors import ConflictError, ManifestError, VersionNotFoundError
+from compatembed_index.errors import (
+    ConflictError,
+    DimensionMismatchError,
+    InvalidInputError,
+    ManifestError,
+    VersionNotFoundError,
+)
 from compatembed_index.validation import check_path
 
 _logger = logging.getLogger(__name__)
@@ -83,6 +89,9 @@ class Edge:
         layers: forward MLP as ``((w0, b0), (w1, b1), ...)`` with ``w_i`` of shape (out, in).
         activation: forward MLP activation between layers.
         normalize_output: L2-normalise the output (always true for prefix edges).
+        side_version: forward edges with side information (FCT's ψ): the version whose vector of the same
+            item, L2-normalised, is concatenated to the source vector at the MLP's input.
+        side_dim: that vector's dimension (the MLP's input is the source dim plus this).
     """
 
     kind: str
@@ -94,15 +103,21 @@ class Edge:
     layers: tuple[tuple[np.ndarray, np.ndarray], ...] = field(default=(), repr=False, compare=False)
     activation: str | None = None
     normalize_output: bool = False
+    side_version: str | None = None
+    side_dim: int = 0
 
     @property
     def in_dim(self) -> int | None:
-        """Input dimension the transform expects (None when it is the source's full dimension)."""
+        """Source dimension the transform expects (None when it is the source's full dimension).
+
+        For a forward edge with side information this excludes the side vector: it is what the source
+        version's own vectors must measure.
+        """
         if self.kind == "affine":
             assert self.weight is not None
             return int(self.weight.shape[1])
         if self.kind == "forward":
-            return int(self.layers[0][0].shape[1])
+            return int(self.layers[0][0].shape[1]) - self.side_dim
         return None
 
     @property
@@ -117,8 +132,28 @@ class Edge:
             return int(self.layers[-1][0].shape[0])
         return None
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Map ``x`` (N, d_in) through the edge; returns (N, d_out) float32 (normalised as declared)."""
+    def apply(self, x: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+        """Map ``x`` (N, d_in) through the edge; returns (N, d_out) float32 (normalised as declared).
+
+        ``side`` (N, side_dim): the side-information vectors of the same items, in the same order, which an
+        edge with ``side_version`` needs (they are L2-normalised here, as when the map was fitted); refused
+        for any other edge.
+        """
+        if self.side_version is not None:
+            if side is None:
+                raise InvalidInputError(
+                    f"the forward edge {self.other} -> {self.owner} needs the side-information vectors of version "
+                    f"{self.side_version!r} ({self.side_dim}-d) of the same items"
+                )
+            side = np.asarray(side, dtype=np.float32)
+            if side.ndim != 2 or side.shape != (len(x), self.side_dim):
+                raise DimensionMismatchError(
+                    f"side-information vectors of {self.side_version!r} must have shape ({len(x)}, {self.side_dim}), "
+                    f"got {side.shape}"
+                )
+            x = np.concatenate([np.asarray(x, dtype=np.float32), l2_normalize(side)], axis=1)
+        elif side is not None:
+            raise InvalidInputError(f"the {self.kind} edge {self.owner} / {self.other} takes no side information")
         if self.kind == "identity":
             y = x
         elif self.kind == "prefix":
@@ -207,6 +242,8 @@ def _parse_edge(raw: Any, owner: str, dim: int, files: dict[str, bytes], idx: in
         raise ManifestError(f"{where}: {kind} edge needs a valid {key!r} version id, got {other!r}")
     if other == owner:
         raise ManifestError(f"{where}: edge points to its own version {owner!r}")
+    if "side_input" in raw and kind != "forward":
+        raise ManifestError(f"{where}: side_input belongs to forward edges only, not {kind}")
     if kind == "identity":
         return Edge(kind, owner, other)
     if kind == "prefix":
@@ -251,7 +288,26 @@ def _parse_edge(raw: Any, owner: str, dim: int, files: dict[str, bytes], idx: in
         raise ManifestError(f"{rel}: forward transform needs keys w0, b0, ... found {sorted(arrays)}")
     if layers[-1][0].shape[0] != dim:
         raise ManifestError(f"{rel}: forward output dim {layers[-1][0].shape[0]} != version dim {dim}")
-    return Edge(kind, owner, other, layers=tuple(layers), activation=act, normalize_output=norm)
+    side_version, side_dim = _parse_side_input(raw.get("side_input"), where, owner, other)
+    if side_dim >= layers[0][0].shape[1]:
+        raise ManifestError(f"{where}: side_input dim {side_dim} leaves no room for the source vector in the "
+                            f"forward map's input of {layers[0][0].shape[1]}")
+    return Edge(kind, owner, other, layers=tuple(layers), activation=act, normalize_output=norm,
+                side_version=side_version, side_dim=side_dim)
+
+
+def _parse_side_input(raw: Any, where: str, owner: str, source: str) -> tuple[str | None, int]:
+    """``(side version id, dim)`` of a forward edge's optional ``side_input``; ``(None, 0)`` without one."""
+    if raw is None:
+        return None, 0
+    if not isinstance(raw, dict) or set(raw) != {"version", "dim"}:
+        raise ManifestError(f"{where}: side_input must be an object with exactly 'version' and 'dim', got {raw!r}")
+    version, d = raw["version"], raw["dim"]
+    if not isinstance(version, str) or not VERSION_ID_RE.fullmatch(version) or version in (owner, source):
+        raise ManifestError(f"{where}: side_input.version must be the id of a third version, got {version!r}")
+    if not isinstance(d, int) or isinstance(d, bool) or d <= 0:
+        raise ManifestError(f"{where}: side_input.dim must be a positive integer, got {d!r}")
+    return version, d
 
 
 def parse_version(manifest: dict[str, Any], files: dict[str, bytes]) -> ModelVersion:
@@ -479,7 +535,8 @@ class VersionRegistry:
                     arcs[e.other].append((v.version_id, Edge("identity", e.other, v.version_id)))
                 elif kind == "query" and e.kind in ("prefix", "affine"):
                     arcs[v.version_id].append((e.other, e))
-                elif kind == "forward" and e.kind == "forward":
+                elif kind == "forward" and e.kind == "forward" and e.side_version is None:
+                    # a map that needs side information is no route for stored vectors alone: see side_forward_edge
                     arcs[e.other].append((v.version_id, e))
         return arcs
 
@@ -542,3 +599,14 @@ class VersionRegistry:
     def forward_route(self, src: str, dst: str) -> Route | None:
         """Route mapping *stored* vectors of ``src`` into ``dst``'s space via forward edges, or None."""
         return self._route("forward", src, dst)
+
+    def side_forward_edge(self, src: str, dst: str) -> Edge | None:
+        """``dst``'s forward edge from ``src`` that needs side information (FCT's ψ), or None.
+
+        Such an edge is no :meth:`forward_route` (stored vectors alone cannot follow it): a caller that holds
+        the items' vectors of ``edge.side_version`` too applies it with ``edge.apply(x, side)``.
+        """
+        version = self.get(dst)
+        self.get(src)
+        found = [e for e in version.edges if e.kind == "forward" and e.other == src and e.side_version is not None]
+        return found[0] if found else None

@@ -203,7 +203,10 @@ class RoutedCollection(abc.ABC):
     def _forward(self, source: str, target: str) -> Route:
         route = self.registry.forward_route(source, target)
         if route is None:
-            raise NoRouteError(f"no forward route from version {source} to version {target}")
+            side = self.registry.side_forward_edge(source, target)
+            why = (f": its forward map also reads each item's side-information vector of version {side.side_version}, "
+                   "which the index does not store") if side is not None else ""
+            raise NoRouteError(f"no forward route from version {source} to version {target}{why}")
         return route
 
     def _prepare(self, version: str, ids: Any, vectors: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -472,3 +472,24 @@ def test_normalisation_neither_overflows_nor_underflows(chain):
     svc.add("g", "v1", [7], np.full((1, 16), 1e20, dtype=np.float32))
     res = svc.search("g", "v1", np.ones((1, 16)), k=1)
     assert res.ids[0, 0] == 7 and res.scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_version_whose_forward_map_needs_side_information_registers_but_is_no_route(tmp_path):
+    """FCT with side information: the index stores old vectors alone, so it cannot upgrade them; it says why."""
+    import json
+
+    rng = np.random.default_rng(3)
+    write_version(tmp_path, "old", 4)
+    d = write_version(tmp_path, "new", 5, forward=("old", [(rng.normal(size=(5, 4 + 3)), rng.normal(size=5))], "relu", True))
+    m = json.loads((d / "manifest.json").read_text())
+    m["compatibility"][0]["side_input"] = {"version": "psi", "dim": 3}
+    (d / "manifest.json").write_text(json.dumps(m))
+    svc = IndexService(None, max_k=10)
+    svc.register_version(tmp_path / "old")
+    svc.register_version(d)
+    svc.create_collection("g")
+    svc.add("g", "old", np.arange(10), rng.normal(size=(10, 4)).astype(np.float32))
+    with pytest.raises(NoRouteError, match="side-information vector of version psi, which the index does not store"):
+        svc.materialise("g", "old", "new")
+    with pytest.raises(NoRouteError, match="no route from version new to segment old"):
+        svc.search("g", "new", rng.normal(size=(2, 5)).astype(np.float32), k=3)

@@ -8,7 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from compatembed_index.errors import ConflictError, ManifestError, VersionNotFoundError
+from compatembed_index.errors import (
+    ConflictError,
+    DimensionMismatchError,
+    InvalidInputError,
+    ManifestError,
+    VersionNotFoundError,
+)
 from compatembed_index.registry import VersionRegistry, _gelu, read_version_dir
 
 from index_helpers import Chain, mlp, normalize, write_version
@@ -86,6 +92,63 @@ def test_gelu_forward_edge(tmp_path):
     ref = normalize(h @ layers[1][0].T + layers[1][1])  # target normalised → output normalised
     np.testing.assert_allclose(reg.forward_route("old", "new").apply(x), ref, atol=1e-5)
     assert not np.allclose(ref, normalize(mlp(x, layers, "relu")))
+
+
+def _side_version(tmp_path, side_input):
+    """'new' (5-d) upgrades 'old' (4-d) from concat(old vector, 3-d side vector of 'psi'); returns its layers."""
+    rng = np.random.default_rng(1)
+    layers = [(rng.normal(size=(6, 4 + 3)), rng.normal(size=6)), (rng.normal(size=(5, 6)), rng.normal(size=5))]
+    write_version(tmp_path, "old", 4)
+    d = write_version(tmp_path, "new", 5, forward=("old", layers, "relu", True))
+    m = json.loads((d / "manifest.json").read_text())
+    m["compatibility"][0]["side_input"] = side_input
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d, layers
+
+
+def test_a_forward_edge_with_side_information_is_applied_to_both_vectors_and_is_no_stored_route(tmp_path):
+    d, layers = _side_version(tmp_path, {"version": "psi", "dim": 3})
+    reg = VersionRegistry()
+    reg.register(read_version_dir(tmp_path / "old"))
+    reg.register(read_version_dir(d))  # the MLP's 7 inputs are the old 4 plus the side 3: the dims check passes
+    assert reg.forward_route("old", "new") is None  # stored old vectors alone cannot follow it
+    edge = reg.side_forward_edge("old", "new")
+    assert edge is not None and (edge.side_version, edge.side_dim, edge.in_dim) == ("psi", 3, 4)
+    rng = np.random.default_rng(2)
+    x, psi = normalize(rng.normal(size=(8, 4))).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+    ref = normalize(mlp(np.hstack([x, normalize(psi)]), layers, "relu"))  # ψ enters L2-normalised, as fitted
+    np.testing.assert_allclose(edge.apply(x, psi), ref, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="needs the side-information vectors of version 'psi'"):
+        edge.apply(x)
+    with pytest.raises(DimensionMismatchError, match=r"shape \(8, 3\)"):
+        edge.apply(x, psi[:, :2])
+    assert reg.side_forward_edge("new", "old") is None
+    with pytest.raises(VersionNotFoundError):
+        reg.side_forward_edge("old", "nope")
+
+
+@pytest.mark.parametrize(("side_input", "message"), [
+    ({"version": "psi"}, "exactly 'version' and 'dim'"),
+    ({"version": "psi", "dim": 0}, "positive integer"),
+    ({"version": "psi", "dim": True}, "positive integer"),
+    ({"version": "old", "dim": 3}, "a third version"),
+    ({"version": "bad id!", "dim": 3}, "a third version"),
+    ({"version": "psi", "dim": 7}, "leaves no room"),
+])
+def test_malformed_side_inputs_are_refused(tmp_path, side_input, message):
+    d, _ = _side_version(tmp_path, side_input)
+    with pytest.raises(ManifestError, match=message):
+        read_version_dir(d)
+
+
+def test_side_input_on_a_query_edge_is_refused(tmp_path):
+    write_version(tmp_path, "old", 4)
+    d = write_version(tmp_path, "new", 6, prefix=("old", 4))
+    m = json.loads((d / "manifest.json").read_text())
+    m["compatibility"][0]["side_input"] = {"version": "psi", "dim": 3}
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="forward edges only"):
+        read_version_dir(d)
 
 
 def test_checksum_mismatch_of_a_transform_is_refused(chain):

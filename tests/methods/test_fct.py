@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 from sklearn.linear_model import LinearRegression
 from torch import nn
 
-from compatembed.errors import ConfigError
+from compatembed.errors import ConfigError, EvalError, ManifestError
 from compatembed.methods.base import MethodContext
 from compatembed.methods.fct import FCT, ForwardMapOptions, ForwardMLP, fit_forward_map, fold_batchnorm, forward_loss
 from compatembed.models import EmbeddingModel, create_backbone
@@ -246,7 +247,11 @@ def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions,
 
 
 def test_adopted_new_model_with_side_information(versions, tmp_path):
-    """ψ = features of another frozen version; h's input is concat(old, ψ) and the edge says so."""
+    """ψ = features of another frozen version; h's input is concat(old, ψ), the edge says so, and the
+    evaluation upgrades the old gallery from both vectors of each item (checked against the MLP by hand)."""
+    from compatembed.embeddings import load_or_extract
+    from compatembed.eval import retrieval_metrics
+    from compatembed.eval.pair_report import evaluate
     from compatembed.training.run import train
 
     out = train(fct_cfg(versions, tmp_path / "side", f"method.new_version={versions['new']}", "trainer.epochs=0",
@@ -255,11 +260,38 @@ def test_adopted_new_model_with_side_information(versions, tmp_path):
     (edge,) = manifest["compatibility"]
     d_old = json.loads((versions["old"] / "manifest.json").read_text())["embedding"]["dim"]
     d_side = json.loads((versions["new"] / "manifest.json").read_text())["embedding"]["dim"]
-    assert load_model_version(out).edge_arrays(edge)["w0"].shape == (16, d_old + d_side)
-    assert edge["info"]["input"] == ["old", "indep"]
+    arrays = load_model_version(out).edge_arrays(edge)
+    assert arrays["w0"].shape == (16, d_old + d_side)
+    assert edge["side_input"] == {"version": "indep", "dim": d_side}
     facts = manifest["training"]["fct"]
     assert facts["side_info"]["version_id"] == "indep" and facts["new_model"] == "adopted"
     assert set(manifest["training"]["frozen_model_sha256"]) == {"old_model", "new_model", "side_model"}
+    assert manifest["training"]["side_info_version_dir"] == str(versions["new"])
+
+    eval_args = ["data=synthetic", f"query={out}", f"gallery={versions['old']}", "progress=false", "device=cpu"]
+    report = evaluate(compose_config("eval", [*eval_args, f"out={tmp_path / 'report'}"]))  # ψ's directory as recorded
+    cross = next(r for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
+    assert cross["route"] == "gallery: forward+side" and report["side_information"] == "indep"
+    data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
+    new, old = load_or_extract(out, data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
+    side = load_or_extract(versions["new"], data, "test", device="cpu")
+    assert np.array_equal(side.ids, old.ids)
+    side_unit = side.embeddings / np.linalg.norm(side.embeddings, axis=1, keepdims=True)
+    upgraded = numpy_forward(arrays, np.concatenate([old.embeddings, side_unit], axis=1), "relu")
+    by_hand = retrieval_metrics(new.embeddings, new.labels, upgraded, old.labels, query_ids=new.ids, gallery_ids=old.ids,
+                                leave_one_out=True, topk=(1, 5))
+    assert cross["top1"] == pytest.approx(by_hand["top1"]) and cross["mAP"] == pytest.approx(by_hand["mAP"], abs=1e-6)
+
+    with pytest.raises(ManifestError, match="side information from version 'indep'"):  # its directory gone: said so
+        moved = tmp_path / "elsewhere" / "fct"
+        moved.parent.mkdir()
+        shutil.copytree(out, moved)
+        manifest["training"]["side_info_version_dir"] = str(tmp_path / "missing" / "indep")
+        (moved / "manifest.json").write_text(json.dumps(manifest))
+        evaluate(compose_config("eval", ["data=synthetic", f"query={moved}", f"gallery={versions['old']}",
+                                         "progress=false", "device=cpu", f"out={tmp_path / 'r2'}"]))
+    with pytest.raises(EvalError, match="side information must come from version 'indep'"):
+        evaluate(compose_config("eval", [*eval_args, f"side={versions['old']}", f"out={tmp_path / 'r3'}"]))
 
 
 @pytest.mark.parametrize("experiment", ["cifar10_fct", "cifar10_external_fct", "cifar100_fct_paper", "imagenet_fct_paper"])
