@@ -185,8 +185,8 @@ def test_collect_sweep_with_required_compatibility_ranks_passing_runs_first(tmp_
     payload = collect("bt2_tradeoff", tmp_path)
     assert [r["run"] for r in payload["runs"]] == ["c", "b", "a"]
     assert [r["passes"] for r in payload["runs"]] == [True, True, False]
-    assert payload["require_compatible"] and "meet the compatibility criterion" in payload["metric"]
-    assert "| 2.0 | 5 | 58.0 |" in render(payload)
+    assert payload["require_compatible"] and payload["metric"] == "mAP of new/new on the validation split"
+    assert "| 2.0 | 5 | 58.0 |" in render(payload) and "miss the compatibility criterion there" in render(payload)
 
 
 def test_tools_take_method_names_from_the_registry(capsys):

@@ -61,11 +61,9 @@ def collect(name: str, sweep_dir: Path | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: no finished run of sweep {name!r} under {directory} (no */validation/report.json)")
     # With require_compatible the criterion is a constraint: every run that passes it (top-1 and mAP) ranks first.
     rows.sort(key=lambda r: (bool(r["passes"]) if require_compatible else True, r["metric"]), reverse=True)
-    described = f"{metric} of {'/'.join(ranked)} on the validation split"
-    if require_compatible:
-        described += ", among the runs that meet the compatibility criterion there on top-1 and mAP (those that do not rank last)"
     return {"sweep": name, "config": str(config_path.relative_to(REPO)), "params": params,
-            "metric": described, "require_compatible": require_compatible, "runs": rows}
+            "metric": f"{metric} of {'/'.join(ranked)} on the validation split", "require_compatible": require_compatible,
+            "runs": rows}
 
 
 def _plain(value: Any) -> Any:
@@ -83,7 +81,9 @@ def render(payload: dict[str, Any]) -> str:
     lines = [
         f"# Sweep `{payload['sweep']}` on the validation split",
         "",
-        f"Config `{payload['config']}`; ranked by {payload['metric']} (best first). Every run trains on the training "
+        f"Config `{payload['config']}`; ranked by {payload['metric']} (best first"
+        + ("; runs that miss the compatibility criterion there, on top-1 or mAP, rank last" if payload.get("require_compatible")
+           else "") + "). Every run trains on the training "
         "split minus the validation split and is evaluated on the validation split only; the test split is not used. "
         "Values in %.",
         "",
