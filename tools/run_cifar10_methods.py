@@ -307,7 +307,7 @@ def _slug(overrides: list[str]) -> str:
 def _write(args: argparse.Namespace, name: str, old: dict[str, Any], rows: Rows, failed: dict[str, str],
            argv: list[str] | None, earlier: dict[str, Any] | None = None) -> None:
     rows, failed, commands = merged(earlier, rows, failed)
-    command = "python -m tools.run_cifar10_methods " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m tools.run_cifar10_methods " + shlex.join(sys.argv[1:] if argv is None else argv)  # quoted: --variant
     payload = {
         "scenario": args.scenario,
         "protocol": (
