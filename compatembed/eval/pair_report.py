@@ -70,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "pairs": rows,
         "compatible": verdict,
     }
-    if side is not None:
+    if side is not None and cross["route"] == "gallery: forward+side":  # side= given where no edge reads it: unused
         report["side_information"] = side.meta.get("version_id", str(side_dir))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -59,11 +59,10 @@ def route_pair(
     if upgrade is not None:
         kinds = "+".join(step.edge.kind for step in upgrade.steps)
         return query.embeddings, upgrade.apply(gallery.embeddings), f"gallery: {kinds}"
-    edge = registry.side_forward_edge(str(g_id), str(q_id))
-    if edge is not None:
-        upgraded = edge.apply(gallery.embeddings, _side_vectors(side, gallery, str(edge.side_version), str(q_id)))
-        if registry.get(str(q_id)).normalized and not edge.normalize_output:
-            upgraded = upgraded / np.maximum(np.linalg.norm(upgraded, axis=1, keepdims=True), 1e-12)
+    with_side = registry.side_forward_route(str(g_id), str(q_id))
+    if with_side is not None:
+        side_id = str(with_side.steps[0].edge.side_version)
+        upgraded = with_side.apply(gallery.embeddings, _side_vectors(side, gallery, side_id, str(q_id)))
         return query.embeddings, upgraded, "gallery: forward+side"
     return query.embeddings, gallery.embeddings, "none (raw)"
 

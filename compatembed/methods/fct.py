@@ -393,8 +393,8 @@ class FCT(PostHocMapMethod):
         self.fit_result = fit_forward_map(source, target, self.options, labels=labels, device=ctx.device)
         facts = {**self.fit_result.facts, "fit_views": self.fit_views, "fit_pairs": int(source.shape[0]), **self.source_facts()}
         if self.side is not None:
-            facts["side_info"] = {"version_id": self.side.version_id, "version_dir": str(self.side_info_version),
-                                  "dim": self.side.embed_dim}
+            # (its directory is recorded once, as training.side_info_version_dir)
+            facts["side_info"] = {"version_id": self.side.version_id, "dim": self.side.embed_dim}
         return {"fct": facts}
 
     def compatibility_edges(self) -> list[CompatibilityEdge]:

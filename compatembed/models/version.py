@@ -369,13 +369,18 @@ def ancestor_dirs(version_dirs: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if vid in seen:
             continue
         seen[vid] = directory
-        recorded = manifest.get("training", {}).get("old_version_dir")
-        if recorded:
-            for candidate in (Path(recorded), directory.parent / Path(recorded).name):
-                if (candidate / MANIFEST).is_file():
-                    pending.append(candidate)
-                    break
+        found = _recorded_version_dir(directory, manifest.get("training", {}).get("old_version_dir"))
+        if found is not None:
+            pending.append(found)
     return list(seen.values())
+
+
+def _recorded_version_dir(directory: Path, recorded: str | None) -> Path | None:
+    """A version directory training recorded, as written or next to ``directory`` (a runs folder moved whole)."""
+    for candidate in ([Path(recorded), directory.parent / Path(recorded).name] if recorded else []):
+        if (candidate / MANIFEST).is_file():
+            return candidate
+    return None
 
 
 def side_info_dir(version_dir: str | os.PathLike[str]) -> Path | None:
@@ -397,9 +402,9 @@ def side_info_dir(version_dir: str | os.PathLike[str]) -> Path | None:
     if not needed:
         return None
     recorded = manifest.get("training", {}).get("side_info_version_dir")
-    for candidate in ([Path(recorded), directory.parent / Path(recorded).name] if recorded else []):
-        if (candidate / MANIFEST).is_file():
-            return candidate
+    found = _recorded_version_dir(directory, recorded)
+    if found is not None:
+        return found
     raise ManifestError(
         f"{directory}: its forward edge takes side information from version {needed[0]!r}, whose directory "
         f"({recorded or 'not recorded'}) is not found; give it explicitly (compatembed-eval side=<directory>)"

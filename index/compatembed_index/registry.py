@@ -454,11 +454,15 @@ class Route:
         """Versions visited, from ``src`` to ``dst``."""
         return [self.src, *[s.dst for s in self.steps]]
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """Map ``x`` (N, d_src) into ``dst``'s space: (N, d_dst) float32."""
+    def apply(self, x: np.ndarray, side: np.ndarray | None = None) -> np.ndarray:
+        """Map ``x`` (N, d_src) into ``dst``'s space: (N, d_dst) float32.
+
+        ``side``: the items' side-information vectors, for a route whose first edge reads them
+        (:meth:`VersionRegistry.side_forward_route`).
+        """
         y = np.ascontiguousarray(x, dtype=np.float32)
-        for s in self.steps:
-            y = s.edge.apply(y)
+        for i, s in enumerate(self.steps):
+            y = s.edge.apply(y, side if i == 0 else None)
             if s.normalize and not s.edge.normalize_output:
                 y = l2_normalize(y)
         return y
@@ -536,7 +540,7 @@ class VersionRegistry:
                 elif kind == "query" and e.kind in ("prefix", "affine"):
                     arcs[v.version_id].append((e.other, e))
                 elif kind == "forward" and e.kind == "forward" and e.side_version is None:
-                    # a map that needs side information is no route for stored vectors alone: see side_forward_edge
+                    # a map that needs side information is no route for stored vectors alone: see side_forward_route
                     arcs[e.other].append((v.version_id, e))
         return arcs
 
@@ -600,13 +604,13 @@ class VersionRegistry:
         """Route mapping *stored* vectors of ``src`` into ``dst``'s space via forward edges, or None."""
         return self._route("forward", src, dst)
 
-    def side_forward_edge(self, src: str, dst: str) -> Edge | None:
-        """``dst``'s forward edge from ``src`` that needs side information (FCT's ψ), or None.
+    def side_forward_route(self, src: str, dst: str) -> Route | None:
+        """The one-step route through ``dst``'s forward edge from ``src`` that needs side information (FCT's ψ).
 
         Such an edge is no :meth:`forward_route` (stored vectors alone cannot follow it): a caller that holds
-        the items' vectors of ``edge.side_version`` too applies it with ``edge.apply(x, side)``.
+        the items' vectors of ``route.steps[0].edge.side_version`` too applies it with ``route.apply(x, side)``.
         """
-        version = self.get(dst)
+        target = self.get(dst)
         self.get(src)
-        found = [e for e in version.edges if e.kind == "forward" and e.other == src and e.side_version is not None]
-        return found[0] if found else None
+        found = [e for e in target.edges if e.kind == "forward" and e.other == src and e.side_version is not None]
+        return Route(src, dst, (Step(found[0], src, dst, target.normalized),)) if found else None

@@ -203,9 +203,9 @@ class RoutedCollection(abc.ABC):
     def _forward(self, source: str, target: str) -> Route:
         route = self.registry.forward_route(source, target)
         if route is None:
-            side = self.registry.side_forward_edge(source, target)
-            why = (f": its forward map also reads each item's side-information vector of version {side.side_version}, "
-                   "which the index does not store") if side is not None else ""
+            side = self.registry.side_forward_route(source, target)
+            why = (f": its forward map also reads each item's side-information vector of version "
+                   f"{side.steps[0].edge.side_version}, which the index does not store") if side is not None else ""
             raise NoRouteError(f"no forward route from version {source} to version {target}{why}")
         return route
 

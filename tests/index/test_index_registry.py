@@ -112,19 +112,22 @@ def test_a_forward_edge_with_side_information_is_applied_to_both_vectors_and_is_
     reg.register(read_version_dir(tmp_path / "old"))
     reg.register(read_version_dir(d))  # the MLP's 7 inputs are the old 4 plus the side 3: the dims check passes
     assert reg.forward_route("old", "new") is None  # stored old vectors alone cannot follow it
-    edge = reg.side_forward_edge("old", "new")
-    assert edge is not None and (edge.side_version, edge.side_dim, edge.in_dim) == ("psi", 3, 4)
+    route = reg.side_forward_route("old", "new")
+    assert route is not None and route.path == ["old", "new"]
+    edge = route.steps[0].edge
+    assert (edge.side_version, edge.side_dim, edge.in_dim) == ("psi", 3, 4)
     rng = np.random.default_rng(2)
     x, psi = normalize(rng.normal(size=(8, 4))).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
     ref = normalize(mlp(np.hstack([x, normalize(psi)]), layers, "relu"))  # ψ enters L2-normalised, as fitted
     np.testing.assert_allclose(edge.apply(x, psi), ref, atol=1e-5)
+    np.testing.assert_allclose(route.apply(x, psi), ref, atol=1e-5)
     with pytest.raises(InvalidInputError, match="needs the side-information vectors of version 'psi'"):
         edge.apply(x)
     with pytest.raises(DimensionMismatchError, match=r"shape \(8, 3\)"):
         edge.apply(x, psi[:, :2])
-    assert reg.side_forward_edge("new", "old") is None
+    assert reg.side_forward_route("new", "old") is None
     with pytest.raises(VersionNotFoundError):
-        reg.side_forward_edge("old", "nope")
+        reg.side_forward_route("old", "nope")
 
 
 @pytest.mark.parametrize(("side_input", "message"), [

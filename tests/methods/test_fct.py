@@ -238,6 +238,11 @@ def test_training_exports_a_forward_edge_that_upgrades_the_old_gallery(versions,
                                               f"out={tmp_path / 'report'}", "progress=false", "device=cpu"]))
     cross = next(r for r in report["pairs"] if (r["query"], r["gallery"]) == ("new", "old"))
     assert cross["route"] == "gallery: forward"
+    with_side = evaluate(compose_config("eval", ["data=synthetic", f"query={out}", f"gallery={versions['old']}",
+                                                 f"side={versions['new']}", f"out={tmp_path / 'report_side'}",
+                                                 "progress=false", "device=cpu"]))
+    assert "side_information" not in with_side  # no edge reads it: the report does not claim it
+    assert with_side["pairs"] == report["pairs"]
     data = compose_config("eval", ["data=synthetic", "query=-", "gallery=-"]).data
     new, old = load_or_extract(out, data, "test", device="cpu"), load_or_extract(versions["old"], data, "test", device="cpu")
     upgraded = numpy_forward(arrays, old.embeddings, "relu")
@@ -282,12 +287,12 @@ def test_adopted_new_model_with_side_information(versions, tmp_path):
                                 leave_one_out=True, topk=(1, 5))
     assert cross["top1"] == pytest.approx(by_hand["top1"]) and cross["mAP"] == pytest.approx(by_hand["mAP"], abs=1e-6)
 
-    with pytest.raises(ManifestError, match="side information from version 'indep'"):  # its directory gone: said so
-        moved = tmp_path / "elsewhere" / "fct"
-        moved.parent.mkdir()
-        shutil.copytree(out, moved)
-        manifest["training"]["side_info_version_dir"] = str(tmp_path / "missing" / "indep")
-        (moved / "manifest.json").write_text(json.dumps(manifest))
+    moved = tmp_path / "elsewhere" / "fct"  # ψ's directory gone (neither as recorded nor next to it): said so
+    moved.parent.mkdir()
+    shutil.copytree(out, moved)
+    manifest["training"]["side_info_version_dir"] = str(tmp_path / "missing" / "indep")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="side information from version 'indep'"):
         evaluate(compose_config("eval", ["data=synthetic", f"query={moved}", f"gallery={versions['old']}",
                                          "progress=false", "device=cpu", f"out={tmp_path / 'r2'}"]))
     with pytest.raises(EvalError, match="side information must come from version 'indep'"):
