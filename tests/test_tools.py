@@ -241,6 +241,75 @@ def test_training_time_of_a_reused_version_comes_from_what_its_run_recorded(tmp_
     assert recorded_wall_s(tmp_path) == 42.0  # measured by the tool that trained it
 
 
+def test_a_version_is_reused_only_when_it_was_trained_with_the_asked_settings(tmp_path, monkeypatch):
+    """A directory trained under an experiment's earlier defaults is refused by name, before any training."""
+    import json
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from compatembed.cli import compose_config
+    from tools._runner import StaleVersionError, train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"trained: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    version = tmp_path / "cifar10_bt2_s1"
+    version.mkdir()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "linked_old").symlink_to(tmp_path / "old")
+    trained_with = ["seed=1", "method.scale=2.0", "method.new_alignment_weight=1.0", "optim.optimizer.lr=1.0e-3",
+                    f"method.old_version={tmp_path / 'old'}"]
+    cfg = compose_config("train", ["experiment=cifar10_bt2", f"output_dir={version}", *trained_with])
+    (version / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (version / "manifest.json").write_text(json.dumps({"version_id": "cifar10_bt2_s1"}))
+
+    # Same settings; where files live and how the run executes may differ: reused.
+    how = ["trainer.progress=false", "trainer.device=cpu", "paths.cache_dir=/elsewhere", "data.loader.num_workers=0"]
+    # The old version named through a link to the same directory is the same old version.
+    how += [f"method.old_version={tmp_path / 'linked_old'}"]
+    reused = train("cifar10_bt2", runs=tmp_path, name=version.name, overrides=trained_with + how)
+    assert reused["manifest"] == {"version_id": "cifar10_bt2_s1"}
+
+    # Today's defaults of the experiment (other C, alignment weight and lr): refused, each difference named.
+    with pytest.raises(StaleVersionError) as refused:
+        train("cifar10_bt2", runs=tmp_path, name=version.name, overrides=["seed=1", f"method.old_version={tmp_path / 'old'}"])
+    message = str(refused.value)
+    assert str(version) in message and "--no-reuse" in message
+    for line in ("method.scale: trained 2.0, asked 4.0", "method.new_alignment_weight: trained 1.0, asked 5.0",
+                 "optim.optimizer.lr: trained 0.001, asked 0.003"):
+        assert line in message
+    assert "seed" not in message and "progress" not in message
+
+
+def test_the_methods_table_names_every_stale_version_before_any_training(tmp_path, monkeypatch, capsys):
+    import json
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from compatembed.cli import compose_config
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"trained: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_training)
+    for seed in (1, 2):  # BCT trained under the code bases' lr 1e-3, before the experiment's default became 3e-3
+        version = tmp_path / f"cifar10_bct_s{seed}"
+        version.mkdir()
+        cfg = compose_config("train", ["experiment=cifar10_bct", f"seed={seed}", f"version_id={version.name}",
+                                       f"output_dir={version}", f"method.old_version={tmp_path / 'cifar10_independent_old'}",
+                                       "optim.optimizer.lr=1.0e-3"])
+        (version / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (version / "manifest.json").write_text(json.dumps({"version_id": version.name}))
+    rc = main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "bct", "--seeds", "1", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "out").exists()
+    for seed in (1, 2):
+        assert f"cifar10_bct_s{seed}: optim.optimizer.lr: trained 0.001, asked 0.003" in err
+
+
 def test_milvus_benchmark_runs_end_to_end_at_tiny_size(tmp_path):
     """Both backends answer the same mixed-version queries; exact search is the oracle of the recall column."""
     import json

@@ -42,16 +42,84 @@ def describe_machine(m: dict[str, Any]) -> str:
     return f"{m['cpu_count']} CPUs, torch {m['torch']}, CUDA device: {m['cuda'] or 'none'}"
 
 
+# Settings that change how a run executes or where it reads its files, not what it learns: a version trained
+# with other values of these is still the version an invocation asks for.
+_HOW_NOT_WHAT = ("output_dir", "paths", "trainer.progress", "trainer.device", "data.cache_dir", "data.loader.num_workers",
+                 "logger", "hydra")
+
+
+def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as ``{"a.b.c": value}`` (lists are leaves)."""
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _ignored(key: str) -> bool:
+    if any(key == k or key.startswith(k + ".") for k in _HOW_NOT_WHAT):
+        return True
+    # where the data files are (a copy of the same data elsewhere is the same data): data.train.path, data.test.root...
+    return key.startswith("data.") and key.rsplit(".", 1)[-1] in ("path", "root", "data_root")
+
+
+def config_mismatch(version_dir: Path, experiment: str, overrides: list[str] = ()) -> list[str]:
+    """How the config ``version_dir`` was trained with (its ``config.yaml``) differs from what
+    ``experiment=<experiment> <overrides>`` composes today, as ``key: trained X, asked Y`` lines.
+
+    Only settings present in both are compared (a key added to the configs since keeps the earlier
+    behaviour by default), minus where files live and how the run executed (:data:`_HOW_NOT_WHAT`).
+    Reusing a version by its directory name alone would report a version trained with other settings under
+    the name of the asked ones, as after an experiment's defaults change.
+    """
+    from omegaconf import OmegaConf
+
+    from compatembed.cli import compose_config
+
+    stored = OmegaConf.to_container(OmegaConf.load(version_dir / "config.yaml"), resolve=False)
+    asked = OmegaConf.to_container(compose_config("train", [f"experiment={experiment}", f"output_dir={version_dir}",
+                                                            *overrides]), resolve=True)
+    trained, wanted = _leaves(stored), _leaves(asked)
+    return [f"{key}: trained {trained[key]!r}, asked {wanted[key]!r}" for key in sorted(trained.keys() & wanted.keys())
+            if not _ignored(key) and not _same(trained[key], wanted[key])]
+
+
+def _same(trained: Any, asked: Any) -> bool:
+    """Equal values, or two spellings of one existing path (a version linked into another runs folder)."""
+    if trained == asked:
+        return True
+    if isinstance(trained, str) and isinstance(asked, str) and trained and asked:
+        a, b = Path(trained), Path(asked)
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
+class StaleVersionError(RuntimeError):
+    """An existing version directory was trained with other settings than the invocation asks for."""
+
+
 def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True, log_dir: Path | None = None,
           name: str | None = None) -> dict[str, Any]:
     """Run ``compatembed-train experiment=<experiment>`` in a subprocess; returns wall time and the manifest.
 
     The version directory is ``runs/<name or experiment>``. With ``reuse`` an existing complete version
-    directory (manifest present) is not trained again.
+    directory (manifest present) is not trained again, provided it was trained with the settings asked now
+    (:func:`config_mismatch`); otherwise :class:`StaleVersionError` names the differences, before any training.
     """
     version_dir = runs / (name or experiment)
     manifest_path = version_dir / "manifest.json"
     if reuse and manifest_path.is_file():
+        if (version_dir / "config.yaml").is_file():
+            differences = config_mismatch(version_dir, experiment, list(overrides))
+            if differences:
+                raise StaleVersionError(
+                    f"{version_dir} exists but was trained with other settings than asked now:\n  "
+                    + "\n  ".join(differences)
+                    + "\nRetrain it (--no-reuse), give another --runs folder, or move the version away.")
+        else:
+            print(f"[reuse] {version_dir} has no config.yaml: its settings cannot be checked", flush=True)
         print(f"[reuse] {experiment}: {version_dir}", flush=True)
         manifest = json.loads(manifest_path.read_text())
         return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": recorded_wall_s(version_dir),

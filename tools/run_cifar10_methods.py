@@ -46,7 +46,9 @@ from compatembed.methods.post_hoc import PostHocMapMethod
 from tools._runner import (
     METRICS,
     REPO,
+    StaleVersionError,
     compatibility_pairs,
+    config_mismatch,
     defined_gain,
     describe_machine,
     evaluate,
@@ -197,18 +199,47 @@ def main(argv: list[str] | None = None) -> int:
     reuse = not args.no_reuse
 
     kept = _earlier(args.out / f"{name}.json", args.scenario) if args.merge else None  # before any training
-    old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
-    if kept is not None:  # before any new model trains: rows against another old model do not mix
-        _same_old_model(kept, old["manifest"], args.out / f"{name}.json")
-    linked = [f"method.old_version={old['version_dir']}"]
+    linked = [f"method.old_version={runs / old_name}"]
     rows, failed = Rows(), {}
     needed = {e.baseline for e in chosen} | ({"normalized"} if any(e.experiment == "bt2" for e in chosen) else set())
 
-    def run(entry: Entry, seed: int, extra: list[str], baseline: dict[str, Any] | None) -> dict[str, Any] | None:
+    def planned(entry: Entry, seed: int) -> tuple[str, list[str]]:
+        """The run directory name and the training overrides of ``entry`` at ``seed``."""
         run_name = f"{entry.name(prefix)}_s{seed}"
+        extra = []
+        if entry not in BASELINES.values():
+            if entry.experiment == "bt2":  # distils from the like-for-like independent model of the same seed
+                extra.append(f"method.new_reference_version={runs / (BASELINES['normalized'].name(prefix) + f'_s{seed}')}")
+            if post_hoc(entry.experiment) and not args.retrain_post_hoc:
+                extra += [f"method.new_version={runs / (BASELINES[entry.baseline].name(prefix) + f'_s{seed}')}",
+                          "trainer.epochs=0"]
+        return run_name, overrides + linked + [f"seed={seed}", f"version_id={run_name}", *entry.overrides, *extra]
+
+    if reuse:  # a version trained with other settings than asked now stops the invocation before any training
+        stale = []
+        for seed in args.seeds:
+            for entry in [BASELINES[k] for k in ("raw", "normalized") if k in needed] + chosen:
+                run_name, asked = planned(entry, seed)
+                version = runs / run_name
+                if (version / "manifest.json").is_file() and (version / "config.yaml").is_file():
+                    stale += [f"{version}: {d}" for d in config_mismatch(version, prefix + entry.experiment, asked)]
+        if stale:
+            print("Versions in --runs were trained with other settings than asked now:\n  " + "\n  ".join(stale)
+                  + "\nRetrain them (--no-reuse), give another --runs folder, or move them away.", file=sys.stderr)
+            return 2
+
+    try:
+        old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
+    except StaleVersionError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if kept is not None:  # before any new model trains: rows against another old model do not mix
+        _same_old_model(kept, old["manifest"], args.out / f"{name}.json")
+
+    def run(entry: Entry, seed: int, baseline: dict[str, Any] | None) -> dict[str, Any] | None:
+        run_name, asked = planned(entry, seed)
         try:
-            trained = train(prefix + entry.experiment, runs=runs, name=run_name, reuse=reuse,
-                            overrides=overrides + linked + [f"seed={seed}", f"version_id={run_name}", *entry.overrides, *extra])
+            trained = train(prefix + entry.experiment, runs=runs, name=run_name, reuse=reuse, overrides=asked)
             report = evaluate(trained["version_dir"], old["version_dir"], reports_dir / run_name, overrides=eval_overrides)
         except subprocess.CalledProcessError as exc:  # report the others; say which failed
             failed[f"{entry.label} seed {seed}"] = f"exit status {exc.returncode} of: {' '.join(map(str, exc.cmd[2:]))}"
@@ -230,19 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         baselines: dict[str, dict[str, Any]] = {}
         for key in ("raw", "normalized"):
             if key in needed:
-                result = run(BASELINES[key], seed, [], None)
+                result = run(BASELINES[key], seed, None)
                 if result is not None:
                     baselines[key] = result
         for entry in chosen:
             if entry.baseline not in baselines or (entry.experiment == "bt2" and "normalized" not in baselines):
                 failed[f"{entry.label} seed {seed}"] = "its independent baseline failed"
                 continue
-            extra = []
-            if entry.experiment == "bt2":  # distils from the like-for-like independent model of the same seed
-                extra.append(f"method.new_reference_version={baselines['normalized']['version_dir']}")
-            if post_hoc(entry.experiment) and not args.retrain_post_hoc:
-                extra += [f"method.new_version={baselines[entry.baseline]['version_dir']}", "trainer.epochs=0"]
-            run(entry, seed, extra, baselines[entry.baseline])
+            run(entry, seed, baselines[entry.baseline])
     _write(args, name, old, rows, failed, argv, kept)
     return 1 if failed else 0
 
