@@ -31,6 +31,21 @@ def test_experiment_composes_and_names_real_targets(experiment, compose):
         assert cfg.method.old_version is not None, "a CIFAR-10 new model must name its old version"
 
 
+def test_the_internal_cifar10_new_models_train_alike(compose):
+    """The methods table compares each method with the independent model: same data, backbone, optimiser and
+    budget, so new/new and the step times compare like for like (the old model keeps its own optimiser)."""
+    internal = [e for e in EXPERIMENTS if e.startswith("cifar10_") and not e.startswith("cifar10_external_")
+                and not e.endswith("_old") and e != "cifar10_side_lite0"]
+    assert "cifar10_independent_new" in internal and len(internal) >= 6
+    reference = compose("train", ["experiment=cifar10_independent_new"])
+    for experiment in internal:
+        cfg = compose("train", [f"experiment={experiment}"])
+        for node in ("optim", "trainer", "data"):
+            assert cfg[node] == reference[node], f"{experiment}: {node} differs from cifar10_independent_new"
+        assert cfg.model.backbone == reference.model.backbone, experiment
+        assert cfg.method.old_version == reference.method.old_version, experiment
+
+
 @pytest.mark.parametrize("group", ["data", "model", "method", "optim", "trainer", "logger"])
 def test_every_group_option_composes(group, compose):
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):

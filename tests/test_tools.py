@@ -382,3 +382,23 @@ def test_the_chain_tool_reuses_a_report_only_while_its_versions_are_unchanged(tm
     assert _current_report(versions[::-1], out) is None  # other versions
     os.utime(Path(versions[1]) / "manifest.json", (made + 10, made + 10))  # v2 retrained after the report
     assert _current_report(versions, out) is None
+
+
+def test_the_chain_summary_names_the_invocation_and_the_seeds_still_to_come(tmp_path):
+    import argparse
+    import json
+
+    from tools.run_cifar10_chain import _write_summary
+
+    command = "python -m tools.run_cifar10_chain --method bct --runs runs/x --seeds 1 2 -- trainer.progress=false"
+    args = argparse.Namespace(method="bct", tag="bct", method_arg=[], seeds=[1, 2], out=tmp_path, command=command)
+    chains = {c: {"top1": {"AC": 1.0, "AM": 0.4}, "mAP": {"AC": 2 / 3, "AM": 0.3}} for c in ("compatible", "independent")}
+    seed = {**chains, "independent_report": str(tmp_path / "s1" / "independent" / "report.md"),
+            "train_wall_s": {"v2": 60.0, "v3": 120.0, "i2": 60.0, "i3": None}}
+    _write_summary(args, {"wall_s": 30.0}, {1: seed}, 600.0, ["trainer.progress=false"])
+    md = (tmp_path / "summary.md").read_text()
+    assert f"Made by `{command}` (seed 2 not done yet)." in md
+    assert "| compatible | mAP | 67% | 30.0 | 30.0 |" in md and "independent v2 1.0, v3 ?" in md
+    assert json.loads((tmp_path / "summary.json").read_text())["command"] == command
+    _write_summary(args, {"wall_s": 30.0}, {1: seed, 2: seed}, 900.0, ["trainer.progress=false"])
+    assert f"Made by `{command}`." in (tmp_path / "summary.md").read_text()

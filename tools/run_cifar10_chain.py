@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method_arg and not args.tag:
         parser.error("--method-arg changes the method: give --tag too, so its versions do not reuse the plain method's")
     args.tag = args.tag or args.method
+    args.command = "python -m tools.run_cifar10_chain " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.out is None:
         args.out = Path("docs") / "results" / ("chain" if args.tag == "oca" else f"chain_{args.tag}")
     reuse, runs, overrides = not args.no_reuse, args.runs, list(args.overrides)
@@ -179,7 +181,8 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
     metrics = list(next(iter(per_seed.values()))["compatible"])
     summary: dict[str, Any] = {"method": args.method, "tag": args.tag, "method_args": list(args.method_arg),
                                "seeds": list(per_seed), "v1_wall_s": v1["wall_s"],
-                               "total_wall_s": wall_s, "machine": machine(), "overrides": overrides, "per_seed": per_seed}
+                               "total_wall_s": wall_s, "machine": machine(), "command": args.command, "overrides": overrides,
+                               "per_seed": per_seed}
     lines = [f"# Three-version chain on CIFAR-10 ({args.tag} at each step): classes 0-3 → 0-6 → 0-9", "",
              f"v1 fixed; v2, v3 and the independent chain trained per seed ({', '.join(map(str, per_seed))}). AC: share of "
              "pairs (t > j) meeting the empirical criterion C[t][j] > C[j][j]; AM: mean of the lower triangle with the "
@@ -207,11 +210,9 @@ def _write_summary(args: argparse.Namespace, v1: dict[str, Any], per_seed: dict[
         for s, r in per_seed.items()]
     lines += ["", "Training time per model in minutes, as recorded when each was trained (models reused from an "
               "earlier invocation keep theirs; ? where none was recorded): " + "; ".join(costs) + "."]
-    tagged = f" --tag {args.tag}" if args.tag != args.method else ""
-    method_args = "".join(f" --method-arg {a}" for a in args.method_arg)
-    lines += ["", f"Machine: {describe_machine(m)}; "
-              f"this invocation {wall_s / 60:.0f} min. Made by `python -m tools.run_cifar10_chain --method {args.method}"
-              f"{tagged}{method_args} --seeds {' '.join(map(str, per_seed))}`.", ""]
+    pending = [s for s in args.seeds if s not in per_seed]
+    lines += ["", f"Machine: {describe_machine(m)}; this invocation {wall_s / 60:.0f} min. Made by `{args.command}`"
+              + (f" (seed {', '.join(map(str, pending))} not done yet)." if pending else "."), ""]
     write_json(args.out / "summary.json", summary)
     (args.out / "summary.md").write_text("\n".join(lines))
     print(f"wrote {args.out / 'summary.md'}")
