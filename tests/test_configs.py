@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,6 @@ def test_cli_configs_compose(name, compose):
 
 @pytest.mark.parametrize("search", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
 def test_every_sweep_validates_on_a_held_out_split_and_names_real_keys(search, compose):
-    import re
-
     # Every sweep's header gives the command that runs it; the experiment it names is the one composed here.
     command = re.search(r"compatembed-train -m experiment=(\S+)", (CONF / "hparams_search" / f"{search}.yaml").read_text())
     assert command, f"conf/hparams_search/{search}.yaml does not say how to run it (compatembed-train -m experiment=...)"

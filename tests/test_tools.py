@@ -283,13 +283,14 @@ def test_a_version_is_reused_only_when_it_was_trained_with_the_asked_settings(tm
     assert "seed" not in message and "progress" not in message
 
 
-def test_the_methods_table_names_every_stale_version_before_any_training(tmp_path, monkeypatch, capsys):
+def test_the_methods_table_names_every_stale_version_before_any_training(tmp_path, monkeypatch):
     import json
     import subprocess
 
     from omegaconf import OmegaConf
 
     from compatembed.cli import compose_config
+    from tools._runner import StaleVersionError
 
     def no_training(*args, **kwargs):
         raise AssertionError(f"trained: {args}")
@@ -303,11 +304,11 @@ def test_the_methods_table_names_every_stale_version_before_any_training(tmp_pat
                                        "optim.optimizer.lr=1.0e-3"])
         (version / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (version / "manifest.json").write_text(json.dumps({"version_id": version.name}))
-    rc = main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "bct", "--seeds", "1", "2"])
-    err = capsys.readouterr().err
-    assert rc == 2 and not (tmp_path / "out").exists()
+    with pytest.raises(StaleVersionError) as refused:  # a SystemExit: the tool stops with the message
+        main(["--runs", str(tmp_path), "--out", str(tmp_path / "out"), "--methods", "bct", "--seeds", "1", "2"])
+    assert not (tmp_path / "out").exists()
     for seed in (1, 2):
-        assert f"cifar10_bct_s{seed}: optim.optimizer.lr: trained 0.001, asked 0.003" in err
+        assert f"cifar10_bct_s{seed}: optim.optimizer.lr: trained 0.001, asked 0.003" in str(refused.value)
 
 
 def test_milvus_benchmark_runs_end_to_end_at_tiny_size(tmp_path):

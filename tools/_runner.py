@@ -45,7 +45,7 @@ def describe_machine(m: dict[str, Any]) -> str:
 # Settings that change how a run executes or where it reads its files, not what it learns: a version trained
 # with other values of these is still the version an invocation asks for.
 _HOW_NOT_WHAT = ("output_dir", "paths", "trainer.progress", "trainer.device", "data.cache_dir", "data.loader.num_workers",
-                 "logger", "hydra")
+                 "logger")
 
 
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,30 +96,39 @@ def _same(trained: Any, asked: Any) -> bool:
     return False
 
 
-class StaleVersionError(RuntimeError):
-    """An existing version directory was trained with other settings than the invocation asks for."""
+def stale_settings(version_dir: Path, experiment: str, overrides: list[str] = ()) -> list[str]:
+    """``<version_dir>: key: trained X, asked Y`` for each setting a complete version directory was trained with
+    that differs from what is asked now (:func:`config_mismatch`); empty when there is no such directory."""
+    if not (version_dir / "manifest.json").is_file() or not (version_dir / "config.yaml").is_file():
+        return []
+    return [f"{version_dir}: {d}" for d in config_mismatch(version_dir, experiment, list(overrides))]
 
 
-def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True, log_dir: Path | None = None,
+class StaleVersionError(SystemExit):
+    """Version directories trained with other settings than an invocation asks for: the tool stops with their
+    differences (a SystemExit, so every evidence tool says so without a traceback), before any training."""
+
+    def __init__(self, differences: list[str]) -> None:
+        super().__init__("Versions were trained with other settings than asked now:\n  " + "\n  ".join(differences)
+                         + "\nRetrain them (--no-reuse), give another --runs folder, or move them away.")
+
+
+def train(experiment: str, *, runs: Path, overrides: list[str] = (), reuse: bool = True,
           name: str | None = None) -> dict[str, Any]:
     """Run ``compatembed-train experiment=<experiment>`` in a subprocess; returns wall time and the manifest.
 
     The version directory is ``runs/<name or experiment>``. With ``reuse`` an existing complete version
-    directory (manifest present) is not trained again, provided it was trained with the settings asked now
-    (:func:`config_mismatch`); otherwise :class:`StaleVersionError` names the differences, before any training.
+    directory (manifest present) is not trained again, provided it was trained with the settings asked now;
+    otherwise :class:`StaleVersionError` names the differences.
     """
     version_dir = runs / (name or experiment)
     manifest_path = version_dir / "manifest.json"
     if reuse and manifest_path.is_file():
-        if (version_dir / "config.yaml").is_file():
-            differences = config_mismatch(version_dir, experiment, list(overrides))
-            if differences:
-                raise StaleVersionError(
-                    f"{version_dir} exists but was trained with other settings than asked now:\n  "
-                    + "\n  ".join(differences)
-                    + "\nRetrain it (--no-reuse), give another --runs folder, or move the version away.")
-        else:
+        if not (version_dir / "config.yaml").is_file():
             print(f"[reuse] {version_dir} has no config.yaml: its settings cannot be checked", flush=True)
+        differences = stale_settings(version_dir, experiment, overrides)
+        if differences:
+            raise StaleVersionError(differences)
         print(f"[reuse] {experiment}: {version_dir}", flush=True)
         manifest = json.loads(manifest_path.read_text())
         return {"experiment": experiment, "version_dir": str(version_dir), "wall_s": recorded_wall_s(version_dir),

@@ -48,12 +48,12 @@ from tools._runner import (
     REPO,
     StaleVersionError,
     compatibility_pairs,
-    config_mismatch,
     defined_gain,
     describe_machine,
     evaluate,
     machine,
     pair,
+    stale_settings,
     train,
     write_json,
 )
@@ -215,24 +215,16 @@ def main(argv: list[str] | None = None) -> int:
                           "trainer.epochs=0"]
         return run_name, overrides + linked + [f"seed={seed}", f"version_id={run_name}", *entry.overrides, *extra]
 
-    if reuse:  # a version trained with other settings than asked now stops the invocation before any training
+    if reuse:  # every version trained with other settings than asked now, named before any training
         stale = []
         for seed in args.seeds:
             for entry in [BASELINES[k] for k in ("raw", "normalized") if k in needed] + chosen:
                 run_name, asked = planned(entry, seed)
-                version = runs / run_name
-                if (version / "manifest.json").is_file() and (version / "config.yaml").is_file():
-                    stale += [f"{version}: {d}" for d in config_mismatch(version, prefix + entry.experiment, asked)]
+                stale += stale_settings(runs / run_name, prefix + entry.experiment, asked)
         if stale:
-            print("Versions in --runs were trained with other settings than asked now:\n  " + "\n  ".join(stale)
-                  + "\nRetrain them (--no-reuse), give another --runs folder, or move them away.", file=sys.stderr)
-            return 2
+            raise StaleVersionError(stale)
 
-    try:
-        old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
-    except StaleVersionError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    old = train(old_name, runs=runs, overrides=overrides, reuse=reuse)
     if kept is not None:  # before any new model trains: rows against another old model do not mix
         _same_old_model(kept, old["manifest"], args.out / f"{name}.json")
 
